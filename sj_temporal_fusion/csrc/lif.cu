@@ -1,0 +1,173 @@
+// Fused multi-step LIF kernels: one thread owns LIF_LANES neurons and runs the whole time loop.
+// Layout: every sequence is (T, N) contiguous, neuron i of step t at t * N + i (64-bit indices).
+//
+//   lif_forward   x -> spikes, final v (+ v sequence if asked, + fp32 checkpoints of v every
+//                 LIF_CHUNK steps when training). Inference is the same kernel with no checkpoints:
+//                 2 words per neuron-step (read x, write spike).
+//   lif_backward  walks chunks last to first: reloads the chunk's checkpoint, recomputes the
+//                 chunk's h in registers from x, then sweeps backward. 3 words per neuron-step
+//                 (read x and grad_spike, write grad_x) + 4/LIF_CHUNK bytes of checkpoint.
+// A single step ('s' mode) is the T = 1 case of the same kernels.
+#ifndef __CUDACC__
+#include "host_shim.h"
+#endif
+#include "lif_core.cuh"
+
+#ifndef LIF_LANES
+#define LIF_LANES 1
+#endif
+#ifndef LIF_CHUNK
+#define LIF_CHUNK 16  // register array h[16] + u[16]: fits without spilling at one lane per thread
+#endif
+
+#ifdef __CUDACC__
+// Lanes of a thread are blockDim apart, so a warp's loads are coalesced.
+#define LANE_STRIDE ((long long)blockDim.x)
+#define LANE_FOR(l, nl) _Pragma("unroll") for (int l = 0; l < LIF_LANES; ++l) if (l < (nl))
+#define CHUNK_UP(j, len) _Pragma("unroll") for (int j = 0; j < LIF_CHUNK; ++j) if (j < (len))
+#define CHUNK_DOWN(j, len) _Pragma("unroll") for (int j = LIF_CHUNK - 1; j >= 0; --j) if (j < (len))
+#define LIF_COUNT_READ(n) ((void)0)
+#define LIF_COUNT_WRITE(n) ((void)0)
+#else
+// Lanes are contiguous on the host, so the lane loop vectorises.
+#define LANE_STRIDE 1LL
+#define LANE_FOR(l, nl) _Pragma("omp simd") for (int l = 0; l < (nl); ++l)
+#define CHUNK_UP(j, len) for (int j = 0; j < (len); ++j)
+#define CHUNK_DOWN(j, len) for (int j = (len) - 1; j >= 0; --j)
+#endif
+
+template <typename T>
+LIF_HD T lif_load(const T* __restrict__ p, long long i) {
+  LIF_COUNT_READ(sizeof(T));
+  return p[i];
+}
+
+template <typename T>
+LIF_HD void lif_store(T* __restrict__ p, long long i, T v) {
+  LIF_COUNT_WRITE(sizeof(T));
+  p[i] = v;
+}
+
+// First neuron of this thread and how many of its lanes lie below N.
+struct LaneRange {
+  long long base;
+  int count;
+};
+
+LIF_HD LaneRange lane_range(long long N) {
+  LaneRange r;
+  r.base = (long long)blockIdx.x * blockDim.x * LIF_LANES + threadIdx.x;
+  long long left = r.base < N ? (N - r.base + LANE_STRIDE - 1) / LANE_STRIDE : 0;
+  r.count = left < LIF_LANES ? (int)left : LIF_LANES;
+  return r;
+}
+
+template <typename acc_t>
+LIF_HD LifParams<acc_t> make_params(int kind, int flags, acc_t tau, acc_t k, const acc_t* k_ptr,
+                                    acc_t v_threshold, acc_t v_reset) {
+  LifParams<acc_t> p;
+  p.kind = kind;
+  p.flags = flags;
+  p.tau = tau;
+  p.k = k_ptr ? *k_ptr : k;  // PLIF reads sigmoid(w) on the device: no host sync per call
+  p.v_threshold = v_threshold;
+  p.v_reset = v_reset;
+  return p;
+}
+
+template <typename scalar_t>
+__global__ void lif_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
+                            scalar_t* __restrict__ spike, scalar_t* __restrict__ v_last,
+                            scalar_t* __restrict__ v_seq,                             // nullable
+                            typename acc_of<scalar_t>::type* __restrict__ checkpoints,  // nullable
+                            const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
+                            typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type k,
+                            typename acc_of<scalar_t>::type v_threshold,
+                            typename acc_of<scalar_t>::type v_reset, int kind, int flags, int T,
+                            long long N) {
+  typedef typename acc_of<scalar_t>::type acc_t;
+  const LaneRange r = lane_range(N);
+  if (r.count == 0) return;
+  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, k, k_ptr, v_threshold, v_reset);
+  acc_t v[LIF_LANES];
+  LANE_FOR(l, r.count) v[l] = to_acc(lif_load(v_init, r.base + l * LANE_STRIDE));
+  for (int t = 0; t < T; ++t) {
+    const long long row = (long long)t * N + r.base;
+    if (checkpoints && t % LIF_CHUNK == 0) {
+      const long long crow = (long long)(t / LIF_CHUNK) * N + r.base;
+      LANE_FOR(l, r.count) lif_store(checkpoints, crow + l * LANE_STRIDE, v[l]);
+    }
+    LANE_FOR(l, r.count) {
+      const long long idx = row + l * LANE_STRIDE;
+      const acc_t h = lif_charge(v[l], to_acc(lif_load(x, idx)), p);
+      const acc_t s = lif_fire(h, p);
+      lif_store(spike, idx, from_acc<scalar_t>(s));
+      v[l] = lif_reset(h, s, p);
+      if (v_seq) lif_store(v_seq, idx, from_acc<scalar_t>(v[l]));
+    }
+  }
+  LANE_FOR(l, r.count) lif_store(v_last, r.base + l * LANE_STRIDE, from_acc<scalar_t>(v[l]));
+}
+
+template <typename scalar_t, int SG>
+__global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
+                             const scalar_t* __restrict__ grad_v_seq,   // nullable
+                             const scalar_t* __restrict__ grad_v_last,  // nullable
+                             const scalar_t* __restrict__ x,
+                             const typename acc_of<scalar_t>::type* __restrict__ checkpoints,
+                             const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
+                             scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_v_init,
+                             typename acc_of<scalar_t>::type* __restrict__ grad_k,  // nullable, (N,)
+                             typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type k,
+                             typename acc_of<scalar_t>::type v_threshold,
+                             typename acc_of<scalar_t>::type v_reset,
+                             typename acc_of<scalar_t>::type sg_a,
+                             typename acc_of<scalar_t>::type sg_b, int kind, int flags, int T,
+                             long long N) {
+  typedef typename acc_of<scalar_t>::type acc_t;
+  const LaneRange r = lane_range(N);
+  if (r.count == 0) return;
+  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, k, k_ptr, v_threshold, v_reset);
+  const acc_t dh_dx = lif_dh_dx(p), dh_dv = lif_dh_dv(p);
+  const bool want_k = grad_k != 0;
+  acc_t carry[LIF_LANES], gk[LIF_LANES], v[LIF_LANES];
+  acc_t h[LIF_CHUNK][LIF_LANES], u[LIF_CHUNK][LIF_LANES];  // pre-spike h and dh/dk of one chunk
+  LANE_FOR(l, r.count) {
+    carry[l] = grad_v_last ? to_acc(lif_load(grad_v_last, r.base + l * LANE_STRIDE)) : acc_t(0);
+    gk[l] = acc_t(0);
+  }
+  for (int c = (T - 1) / LIF_CHUNK; c >= 0; --c) {
+    const int t0 = c * LIF_CHUNK;
+    const int len = T - t0 < LIF_CHUNK ? T - t0 : LIF_CHUNK;
+    const long long crow = (long long)c * N + r.base;
+    LANE_FOR(l, r.count) v[l] = lif_load(checkpoints, crow + l * LANE_STRIDE);
+    CHUNK_UP(j, len) {
+      const long long row = (long long)(t0 + j) * N + r.base;
+      LANE_FOR(l, r.count) {
+        const acc_t xv = to_acc(lif_load(x, row + l * LANE_STRIDE));
+        u[j][l] = want_k ? lif_dh_dk(v[l], xv, p) : acc_t(0);
+        const acc_t hh = lif_charge(v[l], xv, p);
+        h[j][l] = hh;
+        v[l] = lif_reset(hh, lif_fire(hh, p), p);
+      }
+    }
+    CHUNK_DOWN(j, len) {
+      const long long row = (long long)(t0 + j) * N + r.base;
+      LANE_FOR(l, r.count) {
+        const long long idx = row + l * LANE_STRIDE;
+        const acc_t hh = h[j][l];
+        const acc_t s = lif_fire(hh, p);
+        const acc_t sg = surrogate_grad<SG, acc_t>(hh - p.v_threshold, sg_a, sg_b);
+        const acc_t dv = grad_v_seq ? carry[l] + to_acc(lif_load(grad_v_seq, idx)) : carry[l];
+        const acc_t gh = to_acc(lif_load(grad_spike, idx)) * sg + dv * lif_dv_dh(hh, s, sg, p);
+        lif_store(grad_x, idx, from_acc<scalar_t>(gh * dh_dx));
+        gk[l] += gh * u[j][l];
+        carry[l] = gh * dh_dv;
+      }
+    }
+  }
+  LANE_FOR(l, r.count) {
+    lif_store(grad_v_init, r.base + l * LANE_STRIDE, from_acc<scalar_t>(carry[l]));
+    if (want_k) lif_store(grad_k, r.base + l * LANE_STRIDE, gk[l]);
+  }
+}
