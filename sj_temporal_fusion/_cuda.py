@@ -33,7 +33,8 @@ def import_cupy():
 def source() -> str:
     # CuPy's compile cache keys on the source text, not on included headers: stamp the header in.
     core = (CSRC / "lif_core.cuh").read_bytes()
-    return f"// lif_core.cuh sha256 {hashlib.sha256(core).hexdigest()}\n" + (CSRC / "lif.cu").read_text()
+    return f"// lif_core.cuh sha256 {hashlib.sha256(core).hexdigest()}\n" + (CSRC / "lif.cu").read_text() + (
+        "\n" + (CSRC / "shard.cu").read_text())  # time-sharding kernels, compiled after lif.cu
 
 
 def name_expression(kernel: str, dtype: torch.dtype, surrogate_id: int | None = None) -> str:
@@ -46,6 +47,8 @@ def all_name_expressions() -> list[str]:
     from .surrogate import SURROGATES
     names = [name_expression("lif_forward", d) for d in CUDA_TYPES]
     names += [name_expression("lif_backward", d, s) for d in CUDA_TYPES for s in range(len(SURROGATES))]
+    names += [name_expression(k, d) for k in ("shard_forward", "shard_fixup") for d in CUDA_TYPES]
+    names += [name_expression("shard_backward", d, s) for d in CUDA_TYPES for s in range(len(SURROGATES))]
     return names
 
 

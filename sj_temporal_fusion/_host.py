@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("host_api.cpp", "lif.cu", "lif_core.cuh", "host_shim.h")
+SOURCES = ("host_api.cpp", "lif.cu", "lif_core.cuh", "host_shim.h", "shard.cu")
 # 64 contiguous lanes per emulated thread: the lane loop vectorises (fp32 forward at T=32,
 # N=262,144 on 2 cores: 47 ms with one lane, 2.6 ms with 64).
 LANES = 64
@@ -33,6 +33,11 @@ _SIGNATURES = {
     "tf_lif_forward": [_I, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I, _I, _I, _LL, _I],
     "tf_lif_backward": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _D, _D,
                         _I, _I, _I, _LL, _I],
+    # time sharding (csrc/shard.cu)
+    "tf_shard_forward": [_I, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I, _I, _I, _LL, _I],
+    "tf_shard_fixup": [_I, _P, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I, _I, _I, _LL, _I],
+    "tf_shard_backward": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _D,
+                          _D, _I, _I, _I, _LL, _I],
 }
 
 

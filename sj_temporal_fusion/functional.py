@@ -69,13 +69,16 @@ def lif_multi_step(x_seq: Tensor, v_init: Optional[Tensor] = None, *, kind: str 
         v = x.new_full((x.shape[1],), float(v_reset) if hard_reset else 0.0)
     else:
         v = v_init.to(x.dtype).reshape(-1).contiguous()
-    k_tensor = w.sigmoid().to(ops.state_dtype(x.dtype)).reshape(1) if neuron == Kind.PLIF else None
     tau_value = float(tau) if neuron == Kind.LIF else 1.0
-    k_value = 1.0 - 1.0 / tau_value  # LIF's v * (1 - 1/tau), computed in double as SpikingJelly does
+    keep = 1.0 - 1.0 / tau_value  # LIF's v * (1 - 1/tau), computed in double as SpikingJelly does
+    k_tensor = None
+    if neuron == Kind.PLIF:  # (k, 1 - k) in w's dtype, as ParametricLIFNode computes them
+        k = w.sigmoid().reshape(1)
+        k_tensor = torch.cat([k, 1.0 - k]).to(ops.state_dtype(x.dtype))
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or v.requires_grad or (k_tensor is not None and k_tensor.requires_grad))
     spike, v_last, v_seq, _ = ops.lif_forward(
-        x, v, k_tensor, tau_value, k_value, float(v_threshold), float(v_reset) if hard_reset else 0.0,
+        x, v, k_tensor, tau_value, keep, float(v_threshold), float(v_reset) if hard_reset else 0.0,
         int(neuron), bool(decay_input), hard_reset, bool(detach_reset), sg.id, sg.a, sg.b,
         bool(store_v_seq), needs_grad)
     return (spike.reshape(x_seq.shape), v_last.reshape(shape),

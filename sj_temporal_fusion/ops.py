@@ -52,13 +52,14 @@ def _launch(kernel: str, x: Tensor, surrogate_id: Optional[int], args) -> None:
 
 
 @torch.library.custom_op("sj_temporal_fusion::lif_forward", mutates_args=())
-def lif_forward(x: Tensor, v_init: Tensor, k_tensor: Optional[Tensor], tau: float, k: float,
+def lif_forward(x: Tensor, v_init: Tensor, k_tensor: Optional[Tensor], tau: float, keep: float,
                 v_threshold: float, v_reset: float, kind: int, decay_input: bool, hard_reset: bool,
                 detach_reset: bool, surrogate_id: int, surrogate_a: float, surrogate_b: float,
                 store_v_seq: bool, save_checkpoints: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (T, N), v_init (N,) -> spike (T, N), v_last (N,), v_seq (T, N) or (0, N), checkpoints
-    (ceil(T/16), N) in the state dtype or (0, N). ``k_tensor`` (1,) is PLIF's sigmoid(w), read on
-    the device; ``k`` is LIF's 1 - 1/tau. The surrogate arguments are kept for the backward."""
+    (ceil(T/16), N) in the state dtype or (0, N). ``k_tensor`` (2,) is PLIF's (sigmoid(w),
+    1 - sigmoid(w)), read on the device; ``keep`` is LIF's 1 - 1/tau. The surrogate arguments
+    are kept for the backward."""
     T, N = x.shape
     spike = torch.empty_like(x)
     v_last = torch.empty_like(v_init)
@@ -67,13 +68,13 @@ def lif_forward(x: Tensor, v_init: Tensor, k_tensor: Optional[Tensor], tau: floa
     _launch("lif_forward", x, None, [
         ("ptr", x), ("ptr", v_init), ("ptr", spike), ("ptr", v_last),
         ("ptr", v_seq if store_v_seq else None), ("ptr", checkpoints if save_checkpoints else None),
-        ("ptr", k_tensor), ("acc", tau), ("acc", k), ("acc", v_threshold), ("acc", v_reset),
+        ("ptr", k_tensor), ("acc", tau), ("acc", keep), ("acc", v_threshold), ("acc", v_reset),
         ("int", kind), ("int", _flags(decay_input, hard_reset, detach_reset)), ("int", T), ("ll", N)])
     return spike, v_last, v_seq, checkpoints
 
 
 @lif_forward.register_fake
-def _(x, v_init, k_tensor, tau, k, v_threshold, v_reset, kind, decay_input, hard_reset, detach_reset,
+def _(x, v_init, k_tensor, tau, keep, v_threshold, v_reset, kind, decay_input, hard_reset, detach_reset,
       surrogate_id, surrogate_a, surrogate_b, store_v_seq, save_checkpoints):
     T, N = x.shape
     v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0, N))
@@ -83,7 +84,7 @@ def _(x, v_init, k_tensor, tau, k, v_threshold, v_reset, kind, decay_input, hard
 
 @torch.library.custom_op("sj_temporal_fusion::lif_backward", mutates_args=())
 def lif_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
-                 x: Tensor, checkpoints: Tensor, k_tensor: Optional[Tensor], tau: float, k: float,
+                 x: Tensor, checkpoints: Tensor, k_tensor: Optional[Tensor], tau: float, keep: float,
                  v_threshold: float, v_reset: float, kind: int, decay_input: bool, hard_reset: bool,
                  detach_reset: bool, surrogate_id: int, surrogate_a: float, surrogate_b: float,
                  want_grad_k: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,14 +96,14 @@ def lif_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: 
     _launch("lif_backward", x, surrogate_id, [
         ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", x), ("ptr", checkpoints),
         ("ptr", k_tensor), ("ptr", grad_x), ("ptr", grad_v_init), ("ptr", grad_k if want_grad_k else None),
-        ("acc", tau), ("acc", k), ("acc", v_threshold), ("acc", v_reset), ("acc", surrogate_a),
+        ("acc", tau), ("acc", keep), ("acc", v_threshold), ("acc", v_reset), ("acc", surrogate_a),
         ("acc", surrogate_b), ("int", kind), ("int", _flags(decay_input, hard_reset, detach_reset)),
         ("int", T), ("ll", N)])
     return grad_x, grad_v_init, grad_k
 
 
 @lif_backward.register_fake
-def _(grad_spike, grad_v_seq, grad_v_last, x, checkpoints, k_tensor, tau, k, v_threshold, v_reset, kind,
+def _(grad_spike, grad_v_seq, grad_v_last, x, checkpoints, k_tensor, tau, keep, v_threshold, v_reset, kind,
       decay_input, hard_reset, detach_reset, surrogate_id, surrogate_a, surrogate_b, want_grad_k):
     T, N = x.shape
     grad_k = x.new_empty((N if want_grad_k else 0,), dtype=state_dtype(x.dtype))
@@ -132,7 +133,8 @@ def _backward(ctx, grad_spike, grad_v_last, grad_v_seq, _grad_checkpoints):
     grad_x, grad_v_init, grad_k = lif_backward(
         grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), x, checkpoints, k_tensor,
         *ctx.options, want_grad_k)
-    grad_k_total = grad_k.sum().reshape(k_tensor.shape) if want_grad_k else None
+    # The kernel's dL/dk treats 1 - k as a function of k, so the second entry gets no gradient.
+    grad_k_total = torch.stack([grad_k.sum(), grad_k.new_zeros(())]).to(k_tensor.dtype) if want_grad_k else None
     return (grad_x, grad_v_init, grad_k_total) + (None,) * 13
 
 

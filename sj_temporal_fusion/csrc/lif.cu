@@ -62,14 +62,16 @@ LIF_HD LaneRange lane_range(long long N) {
   return r;
 }
 
+// k_ptr (PLIF) holds {sigmoid(w), 1 - sigmoid(w)}, read on the device: no host sync per call.
 template <typename acc_t>
-LIF_HD LifParams<acc_t> make_params(int kind, int flags, acc_t tau, acc_t k, const acc_t* k_ptr,
+LIF_HD LifParams<acc_t> make_params(int kind, int flags, acc_t tau, acc_t keep, const acc_t* k_ptr,
                                     acc_t v_threshold, acc_t v_reset) {
   LifParams<acc_t> p;
   p.kind = kind;
   p.flags = flags;
   p.tau = tau;
-  p.k = k_ptr ? *k_ptr : k;  // PLIF reads sigmoid(w) on the device: no host sync per call
+  p.k = k_ptr ? k_ptr[0] : acc_t(0);
+  p.keep = k_ptr ? k_ptr[1] : keep;
   p.v_threshold = v_threshold;
   p.v_reset = v_reset;
   return p;
@@ -81,14 +83,14 @@ __global__ void lif_forward(const scalar_t* __restrict__ x, const scalar_t* __re
                             scalar_t* __restrict__ v_seq,                             // nullable
                             typename acc_of<scalar_t>::type* __restrict__ checkpoints,  // nullable
                             const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
-                            typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type k,
+                            typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
                             typename acc_of<scalar_t>::type v_threshold,
                             typename acc_of<scalar_t>::type v_reset, int kind, int flags, int T,
                             long long N) {
   typedef typename acc_of<scalar_t>::type acc_t;
   const LaneRange r = lane_range(N);
   if (r.count == 0) return;
-  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, k, k_ptr, v_threshold, v_reset);
+  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
   acc_t v[LIF_LANES];
   LANE_FOR(l, r.count) v[l] = to_acc(lif_load(v_init, r.base + l * LANE_STRIDE));
   for (int t = 0; t < T; ++t) {
@@ -118,7 +120,7 @@ __global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
                              const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
                              scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_v_init,
                              typename acc_of<scalar_t>::type* __restrict__ grad_k,  // nullable, (N,)
-                             typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type k,
+                             typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
                              typename acc_of<scalar_t>::type v_threshold,
                              typename acc_of<scalar_t>::type v_reset,
                              typename acc_of<scalar_t>::type sg_a,
@@ -127,7 +129,7 @@ __global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
   typedef typename acc_of<scalar_t>::type acc_t;
   const LaneRange r = lane_range(N);
   if (r.count == 0) return;
-  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, k, k_ptr, v_threshold, v_reset);
+  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
   const acc_t dh_dx = lif_dh_dx(p), dh_dv = lif_dh_dv(p);
   const bool want_k = grad_k != 0;
   acc_t carry[LIF_LANES], gk[LIF_LANES], v[LIF_LANES];

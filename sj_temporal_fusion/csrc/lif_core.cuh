@@ -104,7 +104,9 @@ struct LifParams {
   int kind;
   int flags;
   acc_t tau;          // LIF: tau
-  acc_t k;            // PLIF: sigmoid(w); LIF: 1 - 1/tau, used by the no-decay-input reset-0 charge
+  acc_t k;            // PLIF: sigmoid(w)
+  acc_t keep;         // v's factor in the no-decay-input reset-0 charge: 1 - 1/tau or 1 - sigmoid(w),
+                      // computed by the caller in the precision SpikingJelly uses (double / w's dtype)
   acc_t v_threshold;
   acc_t v_reset;      // hard reset value; ignored for soft reset
 
@@ -120,11 +122,11 @@ LIF_HD acc_t lif_charge(acc_t v, acc_t x, const LifParams<acc_t>& p) {
   if (p.kind == LIF_KIND_IF) return v + x;
   if (p.kind == LIF_KIND_LIF) {
     if (p.decay_input()) return p.reset0() ? v + (x - v) / p.tau : v + (x - (v - p.v_reset)) / p.tau;
-    return p.reset0() ? v * p.k + x : v - (v - p.v_reset) / p.tau + x;
+    return p.reset0() ? v * p.keep + x : v - (v - p.v_reset) / p.tau + x;
   }
   // PLIF
   if (p.decay_input()) return p.reset0() ? v + (x - v) * p.k : v + (x - (v - p.v_reset)) * p.k;
-  return p.reset0() ? v * (acc_t(1) - p.k) + x : v - (v - p.v_reset) * p.k + x;
+  return p.reset0() ? v * p.keep + x : v - (v - p.v_reset) * p.k + x;
 }
 
 template <typename acc_t>
@@ -142,8 +144,8 @@ LIF_HD acc_t lif_reset(acc_t h, acc_t s, const LifParams<acc_t>& p) {
 template <typename acc_t>
 LIF_HD acc_t lif_dh_dv(const LifParams<acc_t>& p) {
   if (p.kind == LIF_KIND_IF) return acc_t(1);
-  if (p.kind == LIF_KIND_LIF) return acc_t(1) - acc_t(1) / p.tau;
-  return acc_t(1) - p.k;
+  if (!p.decay_input() && p.reset0()) return p.keep;  // h = v * keep + x
+  return p.kind == LIF_KIND_LIF ? acc_t(1) - acc_t(1) / p.tau : acc_t(1) - p.k;
 }
 
 template <typename acc_t>
