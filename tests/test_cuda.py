@@ -1,0 +1,144 @@
+"""GPU build. CI (no GPU) compiles every kernel variant with NVRTC exactly as _cuda.py does; the
+tests marked gpu run the kernels on a CUDA device against the host build, SpikingJelly's cupy
+backend and PyTorch's stream semantics (skipped, saying why, where there is no CUDA device)."""
+import pytest
+import torch
+from spikingjelly.activation_based import neuron, surrogate
+
+import sj_temporal_fusion  # noqa: F401
+from sj_temporal_fusion import _cuda, ops
+from sj_temporal_fusion.functional import lif_multi_step
+
+from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
+        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    return nvrtc
+
+
+def test_nvrtc_compiles_every_variant():
+    """All 60 variants in one NVRTC program for Hopper (about a minute on 2 cores: the backward's
+    16-step chunk is unrolled into registers). At run time each variant compiles alone, for the
+    device's own architecture, and is cached."""
+    nvrtc = _nvrtc()
+    arch = "compute_90"
+    names = _cuda.all_name_expressions()
+    assert len(names) >= 4 + 4 * 14
+    prog = nvrtc.createProgram(_cuda.source(), "lif.cu", [], [])
+    for name in names:
+        nvrtc.addNameExpression(prog, name)
+    try:
+        nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + [f"--gpu-architecture={arch}"])
+    except nvrtc.NVRTCError as exc:
+        pytest.fail(f"NVRTC failed: {exc}\n{nvrtc.getProgramLog(prog)}")
+    for name in names:
+        assert nvrtc.getLoweredName(prog, name).startswith("_Z")
+    ptx = nvrtc.getPTX(prog).decode()
+    assert ".entry" in ptx
+
+
+def test_nvrtc_build_does_not_contract_fma():
+    """--fmad=false: the forward kernel's PTX has no fused multiply-add, so it rounds like g++
+    with -ffp-contract=off and the two builds agree bit for bit."""
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(_cuda.source(), "lif.cu", [], [])
+    name = _cuda.name_expression("lif_forward", torch.float32)
+    nvrtc.addNameExpression(prog, name)
+    nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + ["--gpu-architecture=compute_90"])
+    ptx = nvrtc.getPTX(prog).decode()
+    assert "fma.rn.f32" not in ptx and "mad.f32" not in ptx
+
+
+# ---------------------------------------------------------------- on a CUDA device
+
+def _pair(kind, dtype, v_reset, requires_grad=True, T=37, N=4099):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(T, N, generator=g) * 0.8 + 0.3).to(dtype)
+    return x.clone().requires_grad_(requires_grad), x.cuda().requires_grad_(requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+@pytest.mark.parametrize("v_reset", RESETS)
+def test_gpu_matches_host_bitwise_forward(dtype, kind, v_reset):
+    x_cpu, x_gpu = _pair(kind, dtype, v_reset)
+    w = torch.tensor(-0.3)
+    options = dict(kind=kind, tau=1.7, decay_input=False, v_threshold=0.4, v_reset=v_reset, store_v_seq=True,
+                   surrogate_function=surrogate.ATan(alpha=2.5))
+    s_c, v_c, vs_c = lif_multi_step(x_cpu, w=w.requires_grad_(), **options)
+    s_g, v_g, vs_g = lif_multi_step(x_gpu, w=w.cuda(), **options)
+    assert torch.equal(s_g.cpu(), s_c) and torch.equal(v_g.cpu(), v_c) and torch.equal(vs_g.cpu(), vs_c)
+    g = torch.randn_like(s_c)
+    gx_c, = torch.autograd.grad((s_c * g).sum() + vs_c.float().square().sum(), x_cpu)
+    gx_g, = torch.autograd.grad((s_g * g.cuda()).sum() + vs_g.float().square().sum(), x_gpu)
+    # Rational surrogates give identical gradients; exp/atan differ by an ulp between libm and CUDA.
+    assert_grad_close(gx_g.cpu(), gx_c, dtype, "grad x, GPU vs host")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4, 32, 100])
+def test_gpu_matches_spikingjelly_cupy_backend(T):
+    """SpikingJelly's own CUDA kernels (fp32) against ours on the same layer."""
+    pytest.importorskip("cupy")
+    options = dict(tau=1.25, decay_input=False, v_threshold=0.3, v_reset=0.0,
+                   surrogate_function=surrogate.Sigmoid(alpha=4.0), step_mode="m")
+    theirs = neuron.LIFNode(backend="cupy", **options).cuda()
+    ours = neuron.LIFNode(backend="temporal_fusion", **options).cuda()
+    x = (torch.randn(T, 64, 1000, device="cuda") * 0.3 + 0.12).requires_grad_()
+    y_theirs, y_ours = theirs(x), ours(x)
+    h_exact = None
+    with torch.no_grad():
+        from sj_temporal_fusion.reference import lif_reference
+        _, _, v64 = lif_reference(x.double(), kind="lif", store_v_seq=True, tau=1.25, decay_input=False,
+                                  v_threshold=0.3, v_reset=0.0)
+        h_exact = torch.cat([torch.zeros_like(v64[:1]), v64[:-1]]) * (1 - 1 / 1.25) + x.double()
+    explained, unexplained = near_threshold_mismatches(y_ours.double(), y_theirs.double(), h_exact, 0.3,
+                                                       torch.float32)
+    assert unexplained == 0 and explained <= 0.001 * 64000
+    if explained == 0:
+        g_theirs, = torch.autograd.grad(y_theirs.sum(), x)
+        g_ours, = torch.autograd.grad(y_ours.sum(), x)
+        assert_grad_close(g_ours, g_theirs, torch.float32, "grad x vs cupy backend")
+
+
+@pytest.mark.gpu
+def test_gpu_launches_on_the_current_stream():
+    """The input is written on a side stream right after a long sleep; reading it on any other
+    stream would see stale data."""
+    x_src = torch.randn(16, 1 << 16, device="cuda") + 0.5
+    expected = lif_multi_step(x_src, tau=1.5, v_threshold=0.6)[0]
+    x = torch.zeros_like(x_src)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        x.copy_(x_src)
+        out = lif_multi_step(x, tau=1.5, v_threshold=0.6)[0]
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_launch_count_and_no_fallback(monkeypatch):
+    calls = []
+    original = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda *a: (calls.append(a[0]), original(*a)))
+    node = neuron.LIFNode(step_mode="m", backend="temporal_fusion").cuda()
+    x = torch.randn(8, 4, 100, device="cuda", requires_grad=True)
+    node(x).sum().backward()
+    assert calls == ["lif_forward", "lif_backward"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device():
+    x = torch.randn(9, 333, device="cuda:1")
+    s1 = lif_multi_step(x)[0]
+    s0 = lif_multi_step(x.to("cuda:0"))[0]
+    assert s1.device.index == 1 and torch.equal(s1.cpu(), s0.cpu())
