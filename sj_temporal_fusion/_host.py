@@ -21,7 +21,7 @@ SOURCES = ("host_api.cpp", "lif.cu", "lif_core.cuh", "host_shim.h", "shard.cu")
 # N=262,144 on 2 cores: 47 ms with one lane, 2.6 ms with 64).
 LANES = 64
 # FP contraction off: the host build must round exactly like NVRTC with --fmad=false.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
          f"-DLIF_LANES={LANES}")
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 

@@ -30,6 +30,22 @@ static unsigned long long lif_bytes_read = 0, lif_bytes_written = 0;
 #define LIF_COUNT_WRITE(n) ((void)0)
 #endif
 
+// Calls body(form, hard) with both as std::integral_constant, so the kernel's time loop is
+// compiled once per charge formula and reset kind (16 copies) with no branch in the lane loop.
+template <typename Body, int... F>
+static void host_dispatch_forms(int form, bool hard, Body body, std::integer_sequence<int, F...>) {
+  ((form == F ? (hard ? body(std::integral_constant<int, F>{}, std::integral_constant<int, 1>{})
+                      : body(std::integral_constant<int, F>{}, std::integral_constant<int, 0>{}),
+                 0)
+              : 0),
+   ...);
+}
+
+template <int COUNT, typename Body>
+static void host_dispatch_forms(int form, bool hard, Body body) {
+  host_dispatch_forms(form, hard, body, std::make_integer_sequence<int, COUNT>{});
+}
+
 template <typename Kernel, typename... Args>
 static void host_launch(long long blocks, int threads, Kernel kernel, Args... args) {
 #pragma omp parallel for num_threads(threads) schedule(static)

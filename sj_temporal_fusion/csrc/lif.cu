@@ -77,6 +77,39 @@ LIF_HD LifParams<acc_t> make_params(int kind, int flags, acc_t tau, acc_t keep, 
   return p;
 }
 
+// The time loop of the forward kernel, specialised on the charge formula and the reset kind.
+template <int FORM, int HARD, typename scalar_t, typename acc_t>
+LIF_HD void forward_steps(const scalar_t* __restrict__ x, scalar_t* __restrict__ spike,
+                          scalar_t* __restrict__ v_seq, acc_t* __restrict__ checkpoints,
+                          const LifParams<acc_t> p, acc_t* __restrict__ v, const LaneRange r, int T,
+                          long long N) {
+  for (int t = 0; t < T; ++t) {
+    const long long row = (long long)t * N + r.base;
+    if (checkpoints && t % LIF_CHUNK == 0) {
+      const long long crow = (long long)(t / LIF_CHUNK) * N + r.base;
+      LANE_FOR(l, r.count) lif_store(checkpoints, crow + l * LANE_STRIDE, v[l]);
+    }
+    if (v_seq) {
+      LANE_FOR(l, r.count) {
+        const long long idx = row + l * LANE_STRIDE;
+        const acc_t h = lif_charge<FORM>(v[l], to_acc(lif_load(x, idx)), p);
+        const acc_t s = lif_fire(h, p);
+        lif_store(spike, idx, from_acc<scalar_t>(s));
+        v[l] = lif_reset<HARD>(h, s, p);
+        lif_store(v_seq, idx, from_acc<scalar_t>(v[l]));
+      }
+    } else {
+      LANE_FOR(l, r.count) {
+        const long long idx = row + l * LANE_STRIDE;
+        const acc_t h = lif_charge<FORM>(v[l], to_acc(lif_load(x, idx)), p);
+        const acc_t s = lif_fire(h, p);
+        lif_store(spike, idx, from_acc<scalar_t>(s));
+        v[l] = lif_reset<HARD>(h, s, p);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 __global__ void lif_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
                             scalar_t* __restrict__ spike, scalar_t* __restrict__ v_last,
@@ -93,21 +126,13 @@ __global__ void lif_forward(const scalar_t* __restrict__ x, const scalar_t* __re
   const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
   acc_t v[LIF_LANES];
   LANE_FOR(l, r.count) v[l] = to_acc(lif_load(v_init, r.base + l * LANE_STRIDE));
-  for (int t = 0; t < T; ++t) {
-    const long long row = (long long)t * N + r.base;
-    if (checkpoints && t % LIF_CHUNK == 0) {
-      const long long crow = (long long)(t / LIF_CHUNK) * N + r.base;
-      LANE_FOR(l, r.count) lif_store(checkpoints, crow + l * LANE_STRIDE, v[l]);
-    }
-    LANE_FOR(l, r.count) {
-      const long long idx = row + l * LANE_STRIDE;
-      const acc_t h = lif_charge(v[l], to_acc(lif_load(x, idx)), p);
-      const acc_t s = lif_fire(h, p);
-      lif_store(spike, idx, from_acc<scalar_t>(s));
-      v[l] = lif_reset(h, s, p);
-      if (v_seq) lif_store(v_seq, idx, from_acc<scalar_t>(v[l]));
-    }
-  }
+#ifdef __CUDACC__
+  forward_steps<LIF_RUNTIME, LIF_RUNTIME>(x, spike, v_seq, checkpoints, p, v, r, T, N);
+#else
+  host_dispatch_forms<LIF_H_COUNT>(lif_charge_form(p), p.hard(), [&](auto form, auto hard) {
+    forward_steps<decltype(form)::value, decltype(hard)::value>(x, spike, v_seq, checkpoints, p, v, r, T, N);
+  });
+#endif
   LANE_FOR(l, r.count) lif_store(v_last, r.base + l * LANE_STRIDE, from_acc<scalar_t>(v[l]));
 }
 
@@ -148,9 +173,9 @@ __global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
       LANE_FOR(l, r.count) {
         const acc_t xv = to_acc(lif_load(x, row + l * LANE_STRIDE));
         u[j][l] = want_k ? lif_dh_dk(v[l], xv, p) : acc_t(0);
-        const acc_t hh = lif_charge(v[l], xv, p);
+        const acc_t hh = lif_charge<LIF_RUNTIME>(v[l], xv, p);
         h[j][l] = hh;
-        v[l] = lif_reset(hh, lif_fire(hh, p), p);
+        v[l] = lif_reset<LIF_RUNTIME>(hh, lif_fire(hh, p), p);
       }
     }
     CHUNK_DOWN(j, len) {

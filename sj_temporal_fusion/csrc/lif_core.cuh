@@ -117,16 +117,40 @@ struct LifParams {
   LIF_HD bool reset0() const { return !hard() || v_reset == acc_t(0); }
 };
 
+// SpikingJelly's charge formulas; which one applies follows from kind, decay_input and reset0.
+#define LIF_H_IF 0           // v + x
+#define LIF_H_DIV_DECAY0 1   // v + (x - v) / tau
+#define LIF_H_DIV_DECAY 2    // v + (x - (v - v_reset)) / tau
+#define LIF_H_DIV_NODECAY 3  // v - (v - v_reset) / tau + x
+#define LIF_H_MUL_DECAY0 4   // v + (x - v) * k
+#define LIF_H_MUL_DECAY 5    // v + (x - (v - v_reset)) * k
+#define LIF_H_MUL_NODECAY 6  // v - (v - v_reset) * k + x
+#define LIF_H_KEEP 7         // v * keep + x
+#define LIF_H_COUNT 8
+#define LIF_RUNTIME -1       // template argument: read the choice from LifParams at run time
+
 template <typename acc_t>
+LIF_HD int lif_charge_form(const LifParams<acc_t>& p) {
+  if (p.kind == LIF_KIND_IF) return LIF_H_IF;
+  if (!p.decay_input() && p.reset0()) return LIF_H_KEEP;
+  const int base = p.kind == LIF_KIND_LIF ? LIF_H_DIV_DECAY0 : LIF_H_MUL_DECAY0;
+  return base + (p.decay_input() ? (p.reset0() ? 0 : 1) : 2);
+}
+
+// FORM: one of LIF_H_*, fixed at compile time where the caller specialises (the host build, so
+// the lane loop has no branches and vectorises), or LIF_RUNTIME (the GPU: the branch is uniform).
+template <int FORM = LIF_RUNTIME, typename acc_t>
 LIF_HD acc_t lif_charge(acc_t v, acc_t x, const LifParams<acc_t>& p) {
-  if (p.kind == LIF_KIND_IF) return v + x;
-  if (p.kind == LIF_KIND_LIF) {
-    if (p.decay_input()) return p.reset0() ? v + (x - v) / p.tau : v + (x - (v - p.v_reset)) / p.tau;
-    return p.reset0() ? v * p.keep + x : v - (v - p.v_reset) / p.tau + x;
+  switch (FORM == LIF_RUNTIME ? lif_charge_form(p) : FORM) {
+    case LIF_H_IF: return v + x;
+    case LIF_H_DIV_DECAY0: return v + (x - v) / p.tau;
+    case LIF_H_DIV_DECAY: return v + (x - (v - p.v_reset)) / p.tau;
+    case LIF_H_DIV_NODECAY: return v - (v - p.v_reset) / p.tau + x;
+    case LIF_H_MUL_DECAY0: return v + (x - v) * p.k;
+    case LIF_H_MUL_DECAY: return v + (x - (v - p.v_reset)) * p.k;
+    case LIF_H_MUL_NODECAY: return v - (v - p.v_reset) * p.k + x;
+    default: return v * p.keep + x;
   }
-  // PLIF
-  if (p.decay_input()) return p.reset0() ? v + (x - v) * p.k : v + (x - (v - p.v_reset)) * p.k;
-  return p.reset0() ? v * p.keep + x : v - (v - p.v_reset) * p.k + x;
 }
 
 template <typename acc_t>
@@ -135,9 +159,11 @@ LIF_HD acc_t lif_fire(acc_t h, const LifParams<acc_t>& p) {
 }
 
 // (1 - s) * h + s * v_reset, not a select: h = inf with s = 1 gives NaN, as in the reference.
-template <typename acc_t>
+// HARD: 1 hard reset, 0 soft reset, LIF_RUNTIME from the flags.
+template <int HARD = LIF_RUNTIME, typename acc_t>
 LIF_HD acc_t lif_reset(acc_t h, acc_t s, const LifParams<acc_t>& p) {
-  return p.hard() ? (acc_t(1) - s) * h + s * p.v_reset : h - s * p.v_threshold;
+  const bool hard = HARD == LIF_RUNTIME ? p.hard() : HARD == 1;
+  return hard ? (acc_t(1) - s) * h + s * p.v_reset : h - s * p.v_threshold;
 }
 
 // d h / d v_prev and d h / d x.
