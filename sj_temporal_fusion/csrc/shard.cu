@@ -1,6 +1,6 @@
 // Time-sharding kernels (sj_temporal_fusion.distributed): a rank owns a contiguous slice of the
 // time axis and runs these on its (T_local, N) slice. Compiled after lif.cu, whose lane layout,
-// LANE_FOR, lane_range and make_params they reuse: host_api.cpp includes both files, and
+// LANE_FOR, lane_range, make_params and forward time loop they reuse: host_api.cpp includes both, and
 // _cuda.source() appends this file to lif.cu.
 //
 //   shard_forward   lif_forward with the initial and final state in the state precision (fp32 for
@@ -40,7 +40,8 @@ __global__ void shard_forward(const scalar_t* __restrict__ x,
                               scalar_t* __restrict__ v_seq,                               // nullable
                               typename acc_of<scalar_t>::type* __restrict__ checkpoints,  // nullable
                               const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
-                              typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
+                              typename acc_of<scalar_t>::type tau,
+                              typename acc_of<scalar_t>::type keep,
                               typename acc_of<scalar_t>::type v_threshold,
                               typename acc_of<scalar_t>::type v_reset, int kind, int flags, int T,
                               long long N) {
@@ -50,22 +51,52 @@ __global__ void shard_forward(const scalar_t* __restrict__ x,
   const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
   acc_t v[LIF_LANES];
   LANE_FOR(l, r.count) v[l] = lif_load(v_init, r.base + l * LANE_STRIDE);
+  // lif_forward's time loop, so the two runs round identically by construction.
+#ifdef __CUDACC__
+  forward_steps<LIF_RUNTIME, LIF_RUNTIME>(x, spike, v_seq, checkpoints, p, v, r, T, N);
+#else
+  host_dispatch_forms<LIF_H_COUNT>(lif_charge_form(p), p.hard(), [&](auto form, auto hard) {
+    forward_steps<decltype(form)::value, decltype(hard)::value>(x, spike, v_seq, checkpoints, p, v, r, T, N);
+  });
+#endif
+  LANE_FOR(l, r.count) lif_store(v_last, r.base + l * LANE_STRIDE, v[l]);
+}
+
+// checkpoints: in, the speculative run's (v before steps 0, 16, 32, ...; row 0 is its guessed
+// initial state); out, the true run's. v_last: in, the speculative final state; out, the true one.
+// fixup_len[i] = the first step whose h matched (steps before it were rewritten), or T if none did.
+template <int FORM, int HARD, typename scalar_t, typename acc_t>
+LIF_HD void fixup_steps(const scalar_t* __restrict__ x, acc_t* __restrict__ checkpoints,
+                        scalar_t* __restrict__ spike, scalar_t* __restrict__ v_seq,
+                        const LifParams<acc_t> p, acc_t* __restrict__ vt, acc_t* __restrict__ vs,
+                        int* __restrict__ len, const LaneRange r, int T, long long N) {
   for (int t = 0; t < T; ++t) {
     const long long row = (long long)t * N + r.base;
-    if (checkpoints && t % LIF_CHUNK == 0) {
+    if (t % LIF_CHUNK == 0) {
+      // The true v before step t; once a lane has matched, its later checkpoints already agree.
       const long long crow = (long long)(t / LIF_CHUNK) * N + r.base;
-      LANE_FOR(l, r.count) lif_store(checkpoints, crow + l * LANE_STRIDE, v[l]);
+      LANE_FOR(l, r.count) if (len[l] == T) lif_store(checkpoints, crow + l * LANE_STRIDE, vt[l]);
     }
     LANE_FOR(l, r.count) {
-      const long long idx = row + l * LANE_STRIDE;
-      const acc_t h = lif_charge(v[l], to_acc(lif_load(x, idx)), p);
-      const acc_t s = lif_fire(h, p);
-      lif_store(spike, idx, from_acc<scalar_t>(s));
-      v[l] = lif_reset(h, s, p);
-      if (v_seq) lif_store(v_seq, idx, from_acc<scalar_t>(v[l]));
+      if (len[l] == T) {
+        const long long idx = row + l * LANE_STRIDE;
+        const acc_t xv = to_acc(lif_load(x, idx));
+        const acc_t ht = lif_charge<FORM>(vt[l], xv, p), hs = lif_charge<FORM>(vs[l], xv, p);
+        if (shard_same_bits(ht, hs)) {
+          len[l] = t;  // equal h: equal spike and v from step t on, nothing left to rewrite
+        } else {
+          const acc_t s = lif_fire(ht, p);
+          lif_store(spike, idx, from_acc<scalar_t>(s));
+          vt[l] = lif_reset<HARD>(ht, s, p);
+          vs[l] = lif_reset<HARD>(hs, lif_fire(hs, p), p);
+          if (v_seq) lif_store(v_seq, idx, from_acc<scalar_t>(vt[l]));
+        }
+      }
     }
+    int active = 0;
+    for (int l = 0; l < r.count; ++l) active += len[l] == T;
+    if (active == 0) break;  // every lane matched: the rest of the slice is already right
   }
-  LANE_FOR(l, r.count) lif_store(v_last, r.base + l * LANE_STRIDE, v[l]);
 }
 
 // checkpoints: in, the speculative run's (v before steps 0, 16, 32, ...; row 0 is its guessed
@@ -80,7 +111,8 @@ __global__ void shard_fixup(const scalar_t* __restrict__ x,
                             typename acc_of<scalar_t>::type* __restrict__ v_last,
                             int* __restrict__ fixup_len,
                             const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
-                            typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
+                            typename acc_of<scalar_t>::type tau,
+                            typename acc_of<scalar_t>::type keep,
                             typename acc_of<scalar_t>::type v_threshold,
                             typename acc_of<scalar_t>::type v_reset, int kind, int flags, int T,
                             long long N) {
@@ -95,33 +127,14 @@ __global__ void shard_fixup(const scalar_t* __restrict__ x,
     vs[l] = lif_load(checkpoints, r.base + l * LANE_STRIDE);
     len[l] = T;
   }
-  for (int t = 0; t < T; ++t) {
-    const long long row = (long long)t * N + r.base;
-    if (t % LIF_CHUNK == 0) {
-      // The true v before step t; once a lane has matched, its later checkpoints already agree.
-      const long long crow = (long long)(t / LIF_CHUNK) * N + r.base;
-      LANE_FOR(l, r.count) if (len[l] == T) lif_store(checkpoints, crow + l * LANE_STRIDE, vt[l]);
-    }
-    int active = 0;
-    LANE_FOR(l, r.count) {
-      if (len[l] == T) {
-        const long long idx = row + l * LANE_STRIDE;
-        const acc_t xv = to_acc(lif_load(x, idx));
-        const acc_t ht = lif_charge(vt[l], xv, p), hs = lif_charge(vs[l], xv, p);
-        if (shard_same_bits(ht, hs)) {
-          len[l] = t;  // equal h: equal spike and v from step t on, nothing left to rewrite
-        } else {
-          const acc_t s = lif_fire(ht, p);
-          lif_store(spike, idx, from_acc<scalar_t>(s));
-          vt[l] = lif_reset(ht, s, p);
-          vs[l] = lif_reset(hs, lif_fire(hs, p), p);
-          if (v_seq) lif_store(v_seq, idx, from_acc<scalar_t>(vt[l]));
-        }
-      }
-    }
-    for (int l = 0; l < r.count; ++l) active += len[l] == T;
-    if (active == 0) break;
-  }
+#ifdef __CUDACC__
+  fixup_steps<LIF_RUNTIME, LIF_RUNTIME>(x, checkpoints, spike, v_seq, p, vt, vs, len, r, T, N);
+#else
+  host_dispatch_forms<LIF_H_COUNT>(lif_charge_form(p), p.hard(), [&](auto form, auto hard) {
+    fixup_steps<decltype(form)::value, decltype(hard)::value>(x, checkpoints, spike, v_seq, p, vt, vs, len,
+                                                              r, T, N);
+  });
+#endif
   LANE_FOR(l, r.count) {
     if (len[l] == T) lif_store(v_last, r.base + l * LANE_STRIDE, vt[l]);
     lif_store(fixup_len, r.base + l * LANE_STRIDE, len[l]);
@@ -143,7 +156,8 @@ __global__ void shard_backward(const scalar_t* __restrict__ grad_spike,
                                typename acc_of<scalar_t>::type* __restrict__ grad_v_init,
                                typename acc_of<scalar_t>::type* __restrict__ a_prod,  // nullable
                                typename acc_of<scalar_t>::type* __restrict__ grad_k,  // nullable
-                               typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
+                               typename acc_of<scalar_t>::type tau,
+                               typename acc_of<scalar_t>::type keep,
                                typename acc_of<scalar_t>::type v_threshold,
                                typename acc_of<scalar_t>::type v_reset,
                                typename acc_of<scalar_t>::type sg_a,

@@ -1,0 +1,161 @@
+"""The time-sharding kernels (csrc/shard.cu) in one process, host build: the speculative forward,
+the fix-up and the affine backward, against the one-device kernels (functional.lif_multi_step),
+bit for bit where the algorithm promises it."""
+import pytest
+import torch
+from spikingjelly.activation_based import surrogate
+
+import sj_temporal_fusion  # noqa: F401
+from sj_temporal_fusion import ops
+from sj_temporal_fusion.distributed import kernels as K
+from sj_temporal_fusion.distributed.scan import compose, scan_rounds
+from sj_temporal_fusion.functional import lif_multi_step
+
+from _grid import DTYPES, RESETS, grad_tolerance
+
+KINDS = ["if", "lif", "plif"]
+
+
+def _setup(kind, dtype, v_reset, decay_input, T=41, N=263, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, N, generator=g) * 0.7 + 0.3).to(dtype)
+    w = torch.tensor(-0.4)
+    options = dict(kind=kind, tau=1.7, decay_input=decay_input, v_threshold=0.4, v_reset=v_reset,
+                   surrogate_function=surrogate.ATan(alpha=2.5))
+    spec = K.NeuronSpec.from_options(w=w, **options)
+    k_tensor = K.plif_k_tensor(w, dtype) if kind == "plif" else None
+    return x, w, options, spec, k_tensor
+
+
+def _v0(x, v_reset):
+    # the one-device initial state: v_reset in x's dtype, then the state dtype
+    return torch.full((x.shape[1],), v_reset or 0.0, dtype=x.dtype).to(ops.state_dtype(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("v_reset", RESETS)
+def test_speculate_then_fix_up_equals_one_run_bitwise(dtype, kind, v_reset):
+    """Split at several points, speculate the second part from bad guesses (including NaN and
+    inf, which never match), fix it up from the true state: spikes, v_seq, the checkpoints the
+    backward will use and the final state equal the unsplit run bit for bit."""
+    x, w, options, spec, k_tensor = _setup(kind, dtype, v_reset, decay_input=kind != "if")
+    s_ref, v_ref, vs_ref = lif_multi_step(x, w=w, store_v_seq=True, **options)
+    acc = ops.state_dtype(dtype)
+    for t0, guess in [(1, 0.0), (17, 0.37), (16, float("nan")), (30, float("inf")), (40, -3.0)]:
+        s1, v1, vs1, _ = K.shard_forward(x[:t0].contiguous(), _v0(x, v_reset), spec, k_tensor, True, True)
+        x2 = x[t0:].contiguous()
+        s2, v2, vs2, ck2 = K.shard_forward(x2, torch.full_like(v1, guess), spec, k_tensor, True, True)
+        L = K.shard_fixup(x2, v1, ck2, s2, vs2, v2, spec, k_tensor)
+        assert torch.equal(torch.cat([s1, s2]), s_ref), (t0, guess)
+        assert torch.equal(torch.cat([vs1, vs2]), vs_ref), (t0, guess)
+        assert torch.equal(v2.to(dtype), v_ref), (t0, guess)
+        _, _, _, ck_true = K.shard_forward(x2, v1, spec, k_tensor, False, True)
+        assert torch.equal(ck2, ck_true), (t0, guess)
+        assert int(L.min()) >= 0 and int(L.max()) <= x2.shape[0]
+        if guess != guess or guess == float("inf"):  # NaN/inf h never equals a finite one
+            assert bool((L == x2.shape[0]).all()), (t0, guess)
+
+
+def test_fix_up_length_is_zero_for_a_right_guess_and_full_for_soft_reset_if():
+    x, w, options, spec, k_tensor = _setup("lif", torch.float32, 0.0, decay_input=False)
+    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, 0.0), spec, k_tensor, False, False)[1]
+    x2 = x[9:].contiguous()
+    s2, v2, _, ck2 = K.shard_forward(x2, v1.clone(), spec, k_tensor, False, True)
+    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor) == 0).all())
+    # LIF, hard reset: the wrong guess is forgotten (leak and reset) well before the slice ends
+    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.35), spec, k_tensor, False, True)
+    L = K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor)
+    assert L.float().mean() < 16 and int(L.max()) < x2.shape[0]
+    # IF, soft reset: v_t - v'_t stays v_0 - v'_0 for ever, so no neuron ever matches
+    x, w, options, spec, k_tensor = _setup("if", torch.float64, None, decay_input=False)
+    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, None), spec, k_tensor, False, False)[1]
+    x2 = x[9:].contiguous()
+    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.125), spec, k_tensor, False, True)
+    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor) == x2.shape[0]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("v_reset", RESETS)
+def test_backward_is_affine_in_the_carry(dtype, kind, v_reset):
+    """grad_v_init = A * carry_in + B, and the final pass from the true carry gives the unsplit
+    gradient (bitwise when the carry is passed on exactly, as here)."""
+    x, w, options, spec, k_tensor = _setup(kind, dtype, v_reset, decay_input=True, seed=3)
+    g = torch.Generator().manual_seed(5)
+    grad_spike = torch.randn(x.shape, generator=g).to(dtype)
+    x_ref = x.clone().requires_grad_()
+    s_ref, _, _ = lif_multi_step(x_ref, w=w, **options)
+    (s_ref.float() * grad_spike.float()).sum().backward()
+    t0 = 23
+    x1, x2 = x[:t0].contiguous(), x[t0:].contiguous()
+    _, v1, _, ck1 = K.shard_forward(x1, _v0(x, v_reset), spec, k_tensor, False, True)
+    _, _, _, ck2 = K.shard_forward(x2, v1, spec, k_tensor, False, True)
+    gx2, carry, _, _ = K.shard_backward(grad_spike[t0:].contiguous(), None, None, None, x2, ck2, spec,
+                                        k_tensor, True, False, False)
+    gx1, gv0, _, _ = K.shard_backward(grad_spike[:t0].contiguous(), None, None, carry, x1, ck1, spec,
+                                      k_tensor, True, False, False)
+    assert torch.equal(torch.cat([gx1, gx2]), x_ref.grad)
+    no_x, b, a, _ = K.shard_backward(grad_spike[:t0].contiguous(), None, None, None, x1, ck1, spec,
+                                     k_tensor, False, True, False)
+    assert no_x is None
+    tol = grad_tolerance(torch.float32 if dtype != torch.float64 else dtype)
+    torch.testing.assert_close(a * carry + b, gv0, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, gv0.abs().max()))
+
+
+def test_affine_maps_compose_like_the_sequential_carry():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 7, generator=g, dtype=torch.float64) for _ in range(5)]
+    c = torch.zeros(7, dtype=torch.float64)
+    for m in reversed(maps):
+        c = m[0] * c + m[1]
+    total = maps[0]
+    for m in maps[1:]:
+        total = compose(total, m)
+    torch.testing.assert_close(total[1], c)
+    left = compose(compose(maps[0], maps[1]), maps[2])
+    right = compose(maps[0], compose(maps[1], maps[2]))
+    torch.testing.assert_close(left, right)
+    assert scan_rounds(2) == [] and scan_rounds(3) == [1] and scan_rounds(4) == [1, 2]
+    assert scan_rounds(8) == [1, 2, 4] and scan_rounds(9) == [1, 2, 4]
+
+
+def test_kernels_are_in_the_nvrtc_list():
+    from sj_temporal_fusion import _cuda
+    names = _cuda.all_name_expressions()
+    for kernel in ("shard_forward", "shard_fixup"):
+        assert all(_cuda.name_expression(kernel, d) in names for d in _cuda.CUDA_TYPES)
+    assert sum(n.startswith("shard_backward<") for n in names) == 4 * 14
+
+
+def test_eq5_and_its_optimum():
+    from sj_temporal_fusion.distributed import model
+    assert model.eq5_speedup(1, 100.0, 1.0) == 1.0
+    assert abs(model.eq5_best_k(100.0, 1.0) - 10.0) < 1e-12
+    mus = [model.eq5_speedup(k, 100.0, 1.0) for k in range(1, 30)]
+    assert max(range(len(mus)), key=mus.__getitem__) + 1 == 10  # the integer optimum is sqrt(Ts/Tc)
+    fix = model.Fixup(mean=5.0, warp_max_mean=11.0, max=18.0)
+    one = model.predict(10 ** 6, 1024, 1, fix, training=True)
+    four = model.predict(10 ** 6, 1024, 4, fix, training=True)
+    assert one["forward_s"] == one["one_gpu_forward_s"] and four["forward_s"] < one["forward_s"]
+    assert four["backward_s"] < one["backward_s"]
+
+
+def test_bench_shard_runs_small(tmp_path):
+    """The benchmark end to end at a toy size (gaussian input only): rows, timings, figures."""
+    import argparse
+    from sj_temporal_fusion.bench import shard
+    p = argparse.ArgumentParser()
+    for flag, default in (("--device", "cpu"), ("--out", str(tmp_path)), ("--name", None)):
+        p.add_argument(flag, default=default)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    shard.add_arguments(p)
+    args = p.parse_args(["--quiet", "--inputs", "gaussian", "--configs", "lif-tau2,lif-tau1.25,if-soft",
+                         "--dtypes", "fp32", "--neurons", "4096", "--warmup-steps", "16", "--horizon", "48"])
+    payload = shard.main(args)
+    rows = {r["config"]: r for r in payload["measured"]["fixup"]}
+    assert rows["if-soft"]["unmatched_fraction"] == 1.0  # soft-reset IF never forgets its start
+    assert rows["lif-tau1.25"]["max"] < 48 and rows["lif-tau1.25"]["mean"] < rows["lif-tau2"]["mean"]
+    assert set(payload["modelled"]["fig6"]) == {"lif-tau2", "lif-tau1.25"}
+    assert (tmp_path / "shard-cpu.json").exists() and (tmp_path / "shard-cpu-fig4-eq5.png").exists()
