@@ -1,12 +1,13 @@
 """Shared test helpers: the parameter grid (a pairwise covering design plus full products of the
-factors that interact most) and the comparison rules."""
+factors that interact most), the comparison rules, and the Spiking-ResNet18 the tests share."""
 from __future__ import annotations
 
 import zlib
 
 import torch
 from allpairspy import AllPairs
-from spikingjelly.activation_based import surrogate as S
+from spikingjelly.activation_based import functional, neuron, surrogate as S
+from spikingjelly.activation_based.model import spiking_resnet
 
 # Every SpikingJelly 0.0.0.0.14 surrogate, with non-default parameters so a parameter that is
 # dropped or swapped on the way to the kernel changes the gradient.
@@ -79,3 +80,15 @@ def near_threshold_mismatches(spike_a, spike_b, h_exact, v_threshold, dtype) -> 
 def stable_seed(case: dict) -> int:
     """A per-case seed that does not change between runs (str hash() is salted per process)."""
     return zlib.crc32(case_id(case).encode())
+
+
+def spiking_resnet18(backend: str) -> torch.nn.Module:
+    """The issue's Spiking-ResNet18 (LIF tau=1.25, no input decay, threshold 0.3, Sigmoid(4)),
+    multi-step, on ``backend``, with fixed initial weights."""
+    torch.manual_seed(0)
+    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, tau=1.25, decay_input=False,
+                                          v_threshold=0.3, surrogate_function=S.Sigmoid(alpha=4.),
+                                          num_classes=10)
+    functional.set_step_mode(net, "m")
+    functional.set_backend(net, backend)
+    return net

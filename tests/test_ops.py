@@ -2,12 +2,13 @@
 that the fused kernels (not a fallback) run inside a real network."""
 import pytest
 import torch
-from spikingjelly.activation_based import functional, neuron, surrogate
-from spikingjelly.activation_based.model import spiking_resnet
+from spikingjelly.activation_based import neuron
 
 import sj_temporal_fusion
 from sj_temporal_fusion import ops
 from sj_temporal_fusion.functional import lif_multi_step
+
+from _grid import spiking_resnet18
 
 
 def _forward_args(kind=ops.Kind.LIF, dtype=torch.float32, T=19, N=70, store_v_seq=True, save=True, plif_k=None):
@@ -63,16 +64,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def _resnet18(backend):
-    torch.manual_seed(1)
-    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, tau=1.25, decay_input=False,
-                                          v_threshold=0.3, surrogate_function=surrogate.Sigmoid(alpha=4.),
-                                          num_classes=10)
-    functional.set_step_mode(net, "m")
-    functional.set_backend(net, backend)
-    return net
-
-
 def test_fused_kernels_run_in_a_network(monkeypatch):
     """Count launches: one fused forward and one fused backward per LIF layer, per call; and
     SpikingJelly's own per-step dynamics never run (no silent fallback to the torch backend)."""
@@ -88,7 +79,7 @@ def test_fused_kernels_run_in_a_network(monkeypatch):
 
     monkeypatch.setattr(ops, "_launch", counting)
     monkeypatch.setattr(neuron.LIFNode, "neuronal_charge", no_fallback)
-    net = _resnet18("temporal_fusion")
+    net = spiking_resnet18("temporal_fusion")
     n_nodes = sum(isinstance(m, neuron.LIFNode) for m in net.modules())
     assert n_nodes == 17
     x = torch.rand(3, 2, 3, 32, 32)

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional, neuron, surrogate
-from spikingjelly.activation_based.model import spiking_resnet
 
 import sj_temporal_fusion  # noqa: F401  (registers the backend)
 from sj_temporal_fusion.reference import lif_reference
 from sj_temporal_fusion.spikingjelly import node_options
 
-from _grid import (DTYPES, RESETS, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
+from _grid import (spiking_resnet18, DTYPES, RESETS, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
                    near_threshold_mismatches)
 from conftest import STATE_DTYPE
 
@@ -162,18 +161,8 @@ def test_node_options_carry_every_setting():
     assert opts["v_threshold"] == 0.7 and opts["v_reset"] is None and opts["detach_reset"] is True
 
 
-def _resnet18(backend):
-    torch.manual_seed(0)
-    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, tau=1.25, decay_input=False,
-                                          v_threshold=0.3, surrogate_function=surrogate.Sigmoid(alpha=4.),
-                                          num_classes=10)
-    functional.set_step_mode(net, "m")
-    functional.set_backend(net, backend)
-    return net
-
-
 def test_spiking_resnet18_matches_torch_backend():
-    net_torch = _resnet18("torch")
+    net_torch = spiking_resnet18("torch")
     net_fused = copy.deepcopy(net_torch)
     functional.set_backend(net_fused, "temporal_fusion")
     assert all(m.backend == "temporal_fusion" for m in net_fused.modules() if isinstance(m, neuron.LIFNode))

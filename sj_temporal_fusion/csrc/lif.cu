@@ -136,33 +136,18 @@ __global__ void lif_forward(const scalar_t* __restrict__ x, const scalar_t* __re
   LANE_FOR(l, r.count) lif_store(v_last, r.base + l * LANE_STRIDE, from_acc<scalar_t>(v[l]));
 }
 
-template <typename scalar_t, int SG>
-__global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
-                             const scalar_t* __restrict__ grad_v_seq,   // nullable
-                             const scalar_t* __restrict__ grad_v_last,  // nullable
-                             const scalar_t* __restrict__ x,
-                             const typename acc_of<scalar_t>::type* __restrict__ checkpoints,
-                             const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
-                             scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_v_init,
-                             typename acc_of<scalar_t>::type* __restrict__ grad_k,  // nullable, (N,)
-                             typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
-                             typename acc_of<scalar_t>::type v_threshold,
-                             typename acc_of<scalar_t>::type v_reset,
-                             typename acc_of<scalar_t>::type sg_a,
-                             typename acc_of<scalar_t>::type sg_b, int kind, int flags, int T,
-                             long long N) {
-  typedef typename acc_of<scalar_t>::type acc_t;
-  const LaneRange r = lane_range(N);
-  if (r.count == 0) return;
-  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
+// The backward time loop shared by lif_backward and the time-sharded backward (shard.cu).
+// carry (dL/dv after the last step, per lane) comes in and leaves as dL/dv_init; gk sums dL/dk;
+// a (nullable) multiplies in the carry's linear factor prod_t dh/dv * dv/dh; grad_x is nullable.
+template <int SG, typename scalar_t, typename acc_t>
+LIF_HD void backward_steps(const scalar_t* __restrict__ grad_spike,
+                           const scalar_t* __restrict__ grad_v_seq, const scalar_t* __restrict__ x,
+                           const acc_t* __restrict__ checkpoints, scalar_t* __restrict__ grad_x,
+                           const LifParams<acc_t>& p, acc_t sg_a, acc_t sg_b, bool want_k,
+                           const LaneRange& r, int T, long long N, acc_t* carry, acc_t* gk, acc_t* a) {
   const acc_t dh_dx = lif_dh_dx(p), dh_dv = lif_dh_dv(p);
-  const bool want_k = grad_k != 0;
-  acc_t carry[LIF_LANES], gk[LIF_LANES], v[LIF_LANES];
+  acc_t v[LIF_LANES];
   acc_t h[LIF_CHUNK][LIF_LANES], u[LIF_CHUNK][LIF_LANES];  // pre-spike h and dh/dk of one chunk
-  LANE_FOR(l, r.count) {
-    carry[l] = grad_v_last ? to_acc(lif_load(grad_v_last, r.base + l * LANE_STRIDE)) : acc_t(0);
-    gk[l] = acc_t(0);
-  }
   for (int c = (T - 1) / LIF_CHUNK; c >= 0; --c) {
     const int t0 = c * LIF_CHUNK;
     const int len = T - t0 < LIF_CHUNK ? T - t0 : LIF_CHUNK;
@@ -185,14 +170,45 @@ __global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
         const acc_t hh = h[j][l];
         const acc_t s = lif_fire(hh, p);
         const acc_t sg = surrogate_grad<SG, acc_t>(hh - p.v_threshold, sg_a, sg_b);
+        const acc_t dv_dh = lif_dv_dh(hh, s, sg, p);
         const acc_t dv = grad_v_seq ? carry[l] + to_acc(lif_load(grad_v_seq, idx)) : carry[l];
-        const acc_t gh = to_acc(lif_load(grad_spike, idx)) * sg + dv * lif_dv_dh(hh, s, sg, p);
-        lif_store(grad_x, idx, from_acc<scalar_t>(gh * dh_dx));
+        const acc_t gh = to_acc(lif_load(grad_spike, idx)) * sg + dv * dv_dh;
+        if (grad_x) lif_store(grad_x, idx, from_acc<scalar_t>(gh * dh_dx));
         gk[l] += gh * u[j][l];
         carry[l] = gh * dh_dv;
+        if (a) a[l] *= dh_dv * dv_dh;
       }
     }
   }
+}
+
+template <typename scalar_t, int SG>
+__global__ void lif_backward(const scalar_t* __restrict__ grad_spike,
+                             const scalar_t* __restrict__ grad_v_seq,   // nullable
+                             const scalar_t* __restrict__ grad_v_last,  // nullable
+                             const scalar_t* __restrict__ x,
+                             const typename acc_of<scalar_t>::type* __restrict__ checkpoints,
+                             const typename acc_of<scalar_t>::type* __restrict__ k_ptr,  // nullable
+                             scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_v_init,
+                             typename acc_of<scalar_t>::type* __restrict__ grad_k,  // nullable, (N,)
+                             typename acc_of<scalar_t>::type tau, typename acc_of<scalar_t>::type keep,
+                             typename acc_of<scalar_t>::type v_threshold,
+                             typename acc_of<scalar_t>::type v_reset,
+                             typename acc_of<scalar_t>::type sg_a,
+                             typename acc_of<scalar_t>::type sg_b, int kind, int flags, int T,
+                             long long N) {
+  typedef typename acc_of<scalar_t>::type acc_t;
+  const LaneRange r = lane_range(N);
+  if (r.count == 0) return;
+  const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
+  const bool want_k = grad_k != 0;
+  acc_t carry[LIF_LANES], gk[LIF_LANES];
+  LANE_FOR(l, r.count) {
+    carry[l] = grad_v_last ? to_acc(lif_load(grad_v_last, r.base + l * LANE_STRIDE)) : acc_t(0);
+    gk[l] = acc_t(0);
+  }
+  backward_steps<SG>(grad_spike, grad_v_seq, x, checkpoints, grad_x, p, sg_a, sg_b, want_k, r, T, N,
+                     carry, gk, (acc_t*)0);
   LANE_FOR(l, r.count) {
     lif_store(grad_v_init, r.base + l * LANE_STRIDE, from_acc<scalar_t>(carry[l]));
     if (want_k) lif_store(grad_k, r.base + l * LANE_STRIDE, gk[l]);

@@ -167,10 +167,8 @@ __global__ void shard_backward(const scalar_t* __restrict__ grad_spike,
   const LaneRange r = lane_range(N);
   if (r.count == 0) return;
   const LifParams<acc_t> p = make_params<acc_t>(kind, flags, tau, keep, k_ptr, v_threshold, v_reset);
-  const acc_t dh_dx = lif_dh_dx(p), dh_dv = lif_dh_dv(p);
   const bool want_k = grad_k != 0;
-  acc_t carry[LIF_LANES], gk[LIF_LANES], v[LIF_LANES], a[LIF_LANES];
-  acc_t h[LIF_CHUNK][LIF_LANES], u[LIF_CHUNK][LIF_LANES];  // pre-spike h and dh/dk of one chunk
+  acc_t carry[LIF_LANES], gk[LIF_LANES], a[LIF_LANES];
   LANE_FOR(l, r.count) {
     const long long i = r.base + l * LANE_STRIDE;
     carry[l] = (grad_v_last ? to_acc(lif_load(grad_v_last, i)) : acc_t(0)) +
@@ -178,38 +176,8 @@ __global__ void shard_backward(const scalar_t* __restrict__ grad_spike,
     gk[l] = acc_t(0);
     a[l] = acc_t(1);
   }
-  for (int c = (T - 1) / LIF_CHUNK; c >= 0; --c) {
-    const int t0 = c * LIF_CHUNK;
-    const int len = T - t0 < LIF_CHUNK ? T - t0 : LIF_CHUNK;
-    const long long crow = (long long)c * N + r.base;
-    LANE_FOR(l, r.count) v[l] = lif_load(checkpoints, crow + l * LANE_STRIDE);
-    CHUNK_UP(j, len) {
-      const long long row = (long long)(t0 + j) * N + r.base;
-      LANE_FOR(l, r.count) {
-        const acc_t xv = to_acc(lif_load(x, row + l * LANE_STRIDE));
-        u[j][l] = want_k ? lif_dh_dk(v[l], xv, p) : acc_t(0);
-        const acc_t hh = lif_charge(v[l], xv, p);
-        h[j][l] = hh;
-        v[l] = lif_reset(hh, lif_fire(hh, p), p);
-      }
-    }
-    CHUNK_DOWN(j, len) {
-      const long long row = (long long)(t0 + j) * N + r.base;
-      LANE_FOR(l, r.count) {
-        const long long idx = row + l * LANE_STRIDE;
-        const acc_t hh = h[j][l];
-        const acc_t s = lif_fire(hh, p);
-        const acc_t sg = surrogate_grad<SG, acc_t>(hh - p.v_threshold, sg_a, sg_b);
-        const acc_t dv_dh = lif_dv_dh(hh, s, sg, p);
-        const acc_t dv = grad_v_seq ? carry[l] + to_acc(lif_load(grad_v_seq, idx)) : carry[l];
-        const acc_t gh = to_acc(lif_load(grad_spike, idx)) * sg + dv * dv_dh;
-        if (grad_x) lif_store(grad_x, idx, from_acc<scalar_t>(gh * dh_dx));
-        gk[l] += gh * u[j][l];
-        carry[l] = gh * dh_dv;
-        a[l] *= dh_dv * dv_dh;
-      }
-    }
-  }
+  backward_steps<SG>(grad_spike, grad_v_seq, x, checkpoints, grad_x, p, sg_a, sg_b, want_k, r, T, N,
+                     carry, gk, a);
   LANE_FOR(l, r.count) {
     const long long i = r.base + l * LANE_STRIDE;
     lif_store(grad_v_init, i, carry[l]);
