@@ -115,6 +115,8 @@ def _setup_context(ctx, inputs, output):
     ctx.options = tuple(options[:-2])  # tau ... surrogate_b; drops store_v_seq, save_checkpoints
     ctx.save_for_backward(x, output[3], k_tensor)
     ctx.mark_non_differentiable(output[3])
+    # An unused output (v_seq, v_last) then arrives as None, not as zeros the backward would read.
+    ctx.set_materialize_grads(False)
 
 
 def _present(grad: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,0 +1,292 @@
+"""The shared harness of the benchmarks: timing, the device's copy bandwidth, the environment a
+result is tagged with, progress, and the JSON / CSV writers. Each benchmark module (``lif``,
+``memory``, ``traffic``) builds one setup per method and hands it here."""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Evicting the last-level cache between repetitions: the roofline assumes every byte comes from
+# DRAM / HBM, and at T = 2 a 1M-neuron layer (8 MB fp32) would otherwise sit in a 50 MB H100 L2.
+FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # 2x the 32 MiB L3 of the CI-class EPYC
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """'cuda' / 'cpu' / None (CUDA when present). Says what to do when CUDA is asked for but absent."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch sees no CUDA device here; "
+                         "run with --device cpu, or on a machine with a GPU")
+    return device
+
+
+def parse_ints(text: str) -> list[int]:
+    """'2,4,8' or '2..512' (powers of two from 2 to 512) -> list of ints."""
+    if ".." in text:
+        lo, hi = (int(v) for v in text.split(".."))
+        out, v = [], lo
+        while v <= hi:
+            out.append(v)
+            v *= 2
+        return out
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_names(text: str, allowed: Iterable[str], what: str) -> list[str]:
+    allowed = list(allowed)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}: choose from {', '.join(allowed)}")
+    return names
+
+
+# ---------------------------------------------------------------- environment
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        import importlib.metadata as metadata
+        return metadata.version(module)
+    except Exception:  # noqa: BLE001 - a missing package is reported as None
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {os.cpu_count()} logical CPUs"
+
+
+def environment(device: torch.device) -> dict:
+    """What a result is tagged with: device, versions, commit, date, command, load."""
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "sj_temporal_fusion.bench"] + sys.argv[1:]),
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in
+                     ("torch", "spikingjelly", "cupy-cuda13x", "cupy-cuda12x", "numpy", "sj-temporal-fusion")},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(cuda_runtime=torch.version.cuda, gpu_memory_bytes=props.total_memory,
+                   gpu_sm_count=props.multi_processor_count)
+    if hasattr(os, "getloadavg"):
+        # Other work on the machine shows up here: a 2-core runner with load 2 halves every figure.
+        env["loadavg_start"] = list(os.getloadavg())
+    return env
+
+
+def finish_environment(env: dict) -> dict:
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = list(os.getloadavg())
+    return env
+
+
+# ---------------------------------------------------------------- the CPU allocator
+
+CPU_ALLOCATORS = ("system", "retain")
+
+
+def configure_cpu_allocator(mode: str) -> str:
+    """'system': glibc as configured. 'retain': glibc keeps freed memory mapped (no mmap for large
+    blocks, no trimming), as PyTorch's caching allocator does on CUDA.
+
+    Why it matters: torch's CPU allocator takes every block >= 32 MiB (glibc's mmap threshold cap)
+    straight from mmap and gives it back on free, so each call that creates a (32, 262144) fp32
+    output page-faults 8,192 fresh pages. On the 2-vCPU CI-class VM that costs ~10 ms per 32 MiB,
+    more than the fused kernel itself (~3.5 ms), and SpikingJelly's eval loop pays it too
+    (14 ms with 'retain', 25-90 ms with 'system', depending on the allocator's history)."""
+    if mode == "system":
+        return "system: glibc defaults"
+    if mode != "retain":
+        raise SystemExit(f"unknown --cpu-allocator {mode}: choose from {', '.join(CPU_ALLOCATORS)}")
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    if mallopt is None or not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)
+                               and mallopt(m_top_pad, 256 << 20)):
+        raise SystemExit("--cpu-allocator retain needs glibc's mallopt; use --cpu-allocator system")
+    return "retain: glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_TOP_PAD=256 MiB"
+
+
+# ---------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    """Per-repetition wall (CPU) or CUDA-event (GPU) times of one setup, in milliseconds."""
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def quantile_ms(self, q: float) -> float:
+        s = sorted(self.samples_ms)
+        pos = q * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    def summary(self) -> dict:
+        return {"median_ms": self.median_ms, "p25_ms": self.quantile_ms(0.25),
+                "p75_ms": self.quantile_ms(0.75), "min_ms": min(self.samples_ms),
+                "max_ms": max(self.samples_ms), "reps": len(self.samples_ms)}
+
+
+class CacheFlusher:
+    """Writes a buffer larger than the last-level cache, so the next repetition starts cold."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.buffer = (torch.empty(FLUSH_BYTES[device.type] // 4, dtype=torch.int32, device=device)
+                       if enabled else None)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.fill_(1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
+            max_seconds: float = 5.0, min_reps: int = 3, flush: Optional[CacheFlusher] = None) -> Timing:
+    """Time ``fn`` after ``warmup`` calls: up to ``reps`` repetitions, stopping early once
+    ``max_seconds`` of measured time have passed (never below ``min_reps``). CUDA: one event pair
+    per repetition, read after a single synchronize; CPU: perf_counter around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    timing = Timing()
+    spent = 0.0
+    if device.type == "cuda":
+        events = []
+        for i in range(reps):
+            if flush is not None:
+                flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+            if i + 1 >= min_reps and (i + 1) % 5 == 0:
+                end.synchronize()
+                spent = sum(s.elapsed_time(e) for s, e in events) / 1e3
+                if spent > max_seconds:
+                    break
+        torch.cuda.synchronize(device)
+        timing.samples_ms = [s.elapsed_time(e) for s, e in events]
+        return timing
+    for i in range(reps):
+        if flush is not None:
+            flush()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        timing.samples_ms.append(elapsed * 1e3)
+        spent += elapsed
+        if i + 1 >= min_reps and spent > max_seconds:
+            break
+    return timing
+
+
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int = 20) -> dict:
+    """The device's measured copy bandwidth: ``dst.copy_(src)`` of ``nbytes`` (default 256 MiB on
+    CUDA, 128 MiB on CPU: 4x the L3), counted as nbytes read + nbytes written, median of ``reps``."""
+    if nbytes is None:
+        nbytes = (256 << 20) if device.type == "cuda" else (128 << 20)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.zeros_like(src)  # touched, so no page faults are timed on CPU
+    timing = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=reps, max_seconds=5.0)
+    median_s = timing.median_ms / 1e3
+    return {"bytes_per_copy": 2 * nbytes, "gb_per_s": 2 * nbytes / median_s / 1e9,
+            "best_gb_per_s": 2 * nbytes / (min(timing.samples_ms) / 1e3) / 1e9, **timing.summary()}
+
+
+# ---------------------------------------------------------------- progress and writers
+
+def progress(total: int, desc: str, enabled: bool = True):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return path
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (benchmarks run headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -1,0 +1,128 @@
+"""The benchmark CLI and its harness (sj_temporal_fusion/bench/lif.py, harness.py, tune.py), on
+tiny sizes on the CPU: what it writes, that it checks before it times, and its arithmetic."""
+import csv
+import json
+
+import pytest
+import torch
+
+from sj_temporal_fusion.bench import harness, lif, traffic
+from sj_temporal_fusion.bench.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def lif_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lif")
+    payload = main(["lif", "--device", "cpu", "--neurons", "301", "--T", "2,17", "--dtypes", "fp32,bf16",
+                    "--reps", "3", "--warmup", "1", "--max-seconds", "0.2", "--out", str(out), "--quiet"])
+    return out, payload
+
+
+def test_cli_writes_json_csv_and_plots(lif_run):
+    out, payload = lif_run
+    data = json.loads((out / "lif-cpu.json").read_text())
+    env = data["environment"]
+    for key in ("device_name", "date_utc", "commit", "command", "torch_threads"):
+        assert key in env
+    assert env["versions"]["spikingjelly"] == "0.0.0.0.14"
+    assert data["copy_bandwidth"]["gb_per_s"] > 0
+    rows = data["results"]
+    # 4 methods x 2 modes x 2 dtypes x 2 T
+    assert len(rows) == 32
+    with open(out / "lif-cpu.csv") as f:
+        assert len(list(csv.DictReader(f))) == 32
+    for name in ("lif-cpu_time.png", "lif-cpu_speedup.png", "lif-cpu_roofline.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_case_timed_or_explained(lif_run):
+    _, payload = lif_run
+    for r in payload["results"]:
+        if r["method"] == "cupy":
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["reps"] >= 3 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        assert r["spike_mismatch"] <= lif.SPIKE_TOLERANCE[harness.DTYPES[r["dtype"]]]
+        assert r["design_bytes"] == traffic.step_traffic(r["mode"], r["T"], 301, harness.DTYPES[r["dtype"]]).total
+        assert r["gb_per_s"] == pytest.approx(r["design_bytes"] / r["median_ms"] * 1e-6)
+        assert r["fraction_of_copy_bw"] == pytest.approx(r["gb_per_s"] / payload["copy_bandwidth"]["gb_per_s"])
+        if r["mode"] == "train":
+            assert r["grad_rel_error"] <= lif.GRAD_TOLERANCE[harness.DTYPES[r["dtype"]]]
+    tf = [r for r in payload["results"] if r["method"] == "temporal_fusion"]
+    assert all(r["speedup_of_temporal_fusion"] == 1.0 for r in tf)
+
+
+def test_serial_baseline_is_spikingjelly_lif():
+    from spikingjelly.activation_based import functional, neuron
+    x = torch.randn(19, 257, dtype=torch.float64) * 0.5 + 0.3
+    node = neuron.LIFNode(**lif.FIG5, surrogate_function=lif.surrogate(), step_mode="m")
+    functional.reset_net(node)
+    expected = node(x)
+    got = lif.serial_lif(x, lif.FIG5["tau"], lif.FIG5["v_threshold"], lif.FIG5["v_reset"], lif.surrogate())
+    assert torch.equal(got, expected)
+
+
+def _case(mode="train", dtype=torch.float32):
+    return lif.Case("temporal_fusion", mode, dtype, 9, 64, torch.device("cpu"))
+
+
+def test_check_rejects_a_wrong_method():
+    case = _case()
+    x, grad = lif.make_inputs(case.T, case.N, case.dtype, case.device, case.mode)
+    ref = lif.reference(x, grad)
+
+    def wrong():  # spikes right, gradient wrong by a factor of two
+        x.grad = None
+        spike = lif.serial_lif(x, lif.FIG5["tau"], lif.FIG5["v_threshold"], lif.FIG5["v_reset"], lif.surrogate())
+        spike.backward(2 * grad)
+        return spike
+    result = lif.check(wrong, case, x, grad, ref, case.N)
+    assert not result["check_ok"] and "grad_x" in result["check_problems"][0]
+
+    def shifted():
+        with torch.no_grad():
+            return (x > 0.0).to(x.dtype)
+    assert not lif.check(shifted, _case("infer"), x, None, (ref[0], None), case.N)["check_ok"]
+
+
+def test_check_accepts_temporal_fusion():
+    case = _case()
+    x, grad = lif.make_inputs(case.T, case.N, case.dtype, case.device, case.mode)
+    step = lif.setup_temporal_fusion(case, x, grad)
+    result = lif.check(step, case, x, grad, lif.reference(x, grad), case.N)
+    assert result["check_ok"] and result["spike_mismatch"] == 0.0
+
+
+def test_parse_and_quantiles():
+    assert harness.parse_ints("2..512") == [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert harness.parse_ints("3,5") == [3, 5]
+    t = harness.Timing([4.0, 1.0, 3.0, 2.0])
+    s = t.summary()
+    assert (s["median_ms"], s["p25_ms"], s["p75_ms"], s["min_ms"], s["reps"]) == (2.5, 1.75, 3.25, 1.0, 4)
+    with pytest.raises(SystemExit, match="choose from"):
+        harness.parse_names("torch,jax", lif.METHODS, "method")
+
+
+def test_time_fn_stops_at_the_time_budget():
+    import time
+    calls = []
+    t = harness.time_fn(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"), warmup=1,
+                        reps=100, max_seconds=0.05, min_reps=3)
+    assert 3 <= len(t.samples_ms) < 10 and len(calls) == len(t.samples_ms) + 1
+
+
+def test_cuda_asked_for_but_absent():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="--device cpu"):
+        harness.resolve_device("cuda")
+
+
+def test_tune_swaps_the_launch_shape_and_puts_it_back():
+    from sj_temporal_fusion import _host
+    from sj_temporal_fusion.bench import tune
+    flags, lanes = _host.FLAGS, _host.LANES
+    with tune.launch_shape(torch.device("cpu"), 1, 8):
+        assert "-DLIF_LANES=8" in _host.FLAGS and _host.LANES == 8
+    assert (_host.FLAGS, _host.LANES) == (flags, lanes)
