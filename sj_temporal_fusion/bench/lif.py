@@ -27,6 +27,7 @@ hardware limit they reach on the same work.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,10 @@ def plot(rows: list[dict], out: Path, name: str, title: str) -> list[Path]:
     style = {"temporal_fusion": ("C3", "o", "temporal fusion (ours)"), "torch": ("C0", "s", "SpikingJelly torch"),
              "cupy": ("C2", "^", "SpikingJelly cupy"), "serial": ("C7", "D", "serial PyTorch")}
     paths = []
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    # Label the minor ticks 2 and 5 of each decade only, so log axes read as plain numbers.
+    plain_minor = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
 
     def grid(kind: str):
         fig, axes = plt.subplots(len(modes), len(dtypes), figsize=(4.2 * len(dtypes), 3.4 * len(modes)),
@@ -298,6 +303,8 @@ def plot(rows: list[dict], out: Path, name: str, title: str) -> list[Path]:
                                 marker=marker, ms=4, label=f"vs {label}")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain_minor)
                 if kind == "speedup":
                     ax.axhline(1.0, color="k", lw=0.6)
                 ax.set_title(f"{mode}, {dtype}", fontsize=10)
@@ -365,9 +372,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-neurons", type=int, default=65536,
                    help="neurons checked against the fp64 reference before timing")
     p.add_argument("--no-flush", action="store_true", help="keep caches warm between repetitions")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="redraw the plots of an earlier run's JSON (into --out) and exit")
 
 
 def main(args) -> dict:
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        name = args.name or Path(args.replot).stem
+        env, n = payload["environment"], payload["config"]["neurons"]
+        payload["plots"] = [str(p) for p in plot(payload["results"], Path(args.out), name,
+                                                 f"LIF layer, N={n:,}, {env['device_name']}")]
+        print("wrote " + ", ".join(payload["plots"]))
+        return payload
     device = harness.resolve_device(args.device)
     Ts = harness.parse_ints(args.T)
     modes = harness.parse_names(args.modes, MODES, "mode")

@@ -8,7 +8,8 @@ What is measured, above what is live when the step starts (model, input, grad of
           records (profile_memory=True): the same quantity, bytes in live tensors of torch's CPU
           allocator. Process RSS is not used: glibc keeps freed pages, so RSS deltas mix steps.
           If the profiler's event tree is unavailable the figure is reported as null.
-One untimed step runs first, so one-off allocations (kernel caches, TorchScript) are not counted.
+One unmeasured step runs first, so one-off allocations (kernel caches, TorchScript) are not
+counted, and its gradients are dropped before the measured step.
 
 Spiking-ResNet18: SpikingJelly's ``spiking_resnet18`` with LIFNode(tau=2, detach_reset=True,
 Sigmoid(alpha=4)) in multi-step mode, input (T, B, 3, H, W), cross-entropy on the mean over T.
@@ -70,7 +71,10 @@ def peak_cpu(step: Callable[[], object]) -> Optional[int]:
 
 
 def measure(step: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
-    step()  # untimed, unmeasured first step
+    step()  # unmeasured first step
+    # Gradients of the first step are dropped outside the measured window: the profiler cannot see
+    # the free of a block allocated before it started, so it would count them twice.
+    step.clear()
     if device.type == "cuda":
         return peak_cuda(step, device), "torch.cuda.max_memory_allocated"
     return peak_cpu(step), "torch profiler allocation events (CPU allocator)"
@@ -81,7 +85,12 @@ def measure(step: Callable[[], object], device: torch.device) -> tuple[Optional[
 def setup_lif(method: str, device, dtype, T: int, size: int):
     case = lif.Case(method, "train", dtype, T, size, device)
     x, grad = lif.make_inputs(T, size, dtype, device, "train")
-    return lif.SETUPS[method](case, x, grad)
+    step = lif.SETUPS[method](case, x, grad)
+
+    def clear():
+        x.grad = None
+    step.clear = clear
+    return step
 
 
 def setup_resnet18(method: str, device, dtype, T: int, batch: int, image_size: int = 32):
@@ -110,6 +119,7 @@ def setup_resnet18(method: str, device, dtype, T: int, batch: int, image_size: i
         out = net(x).mean(0)
         torch.nn.functional.cross_entropy(out.float(), label).backward()
     step.net = net
+    step.clear = lambda: net.zero_grad(set_to_none=True)
     return step
 
 
