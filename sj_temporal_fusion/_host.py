@@ -21,8 +21,14 @@ SOURCES = ("host_api.cpp", "lif.cu", "lif_core.cuh", "host_shim.h", "shard.cu")
 # N=262,144 on 2 cores: 47 ms with one lane, 2.6 ms with 64).
 LANES = 64
 # FP contraction off: the host build must round exactly like NVRTC with --fmad=false.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+# -fno-math-errno (with the `omp declare simd` expf in host_shim.h, linked against libmvec): the
+# backward's surrogate derivative vectorises (fp32, T=32, N=262,144, 1 thread: 77 -> 31 ms).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
          f"-DLIF_LANES={LANES}")
+# glibc's vector math library (x86-64 Linux): SIMD expf/exp for the backward's lane loop.
+LIBMVEC = (("-DLIF_LIBMVEC",), ("-lmvec",)) if (
+    platform.system() == "Linux" and platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc") else ((), ())
+FLAGS = FLAGS + LIBMVEC[0]
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _P = ctypes.c_void_p
@@ -77,7 +83,7 @@ def library(count_bytes: bool = False) -> ctypes.CDLL:
     with FileLock(str(lib_path) + ".lock"):
         if not lib_path.exists():
             tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [compiler, *flags, f"-I{CSRC}", str(CSRC / "host_api.cpp"), "-o", str(tmp)]
+            cmd = [compiler, *flags, f"-I{CSRC}", str(CSRC / "host_api.cpp"), *LIBMVEC[1], "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"host build of the LIF kernels failed:\n{' '.join(cmd)}\n{proc.stderr}")
