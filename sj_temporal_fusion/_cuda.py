@@ -1,5 +1,5 @@
-"""GPU build: csrc/lif.cu compiled by NVRTC through CuPy's RawModule, one compiled function per
-(kernel, dtype, surrogate, device), launched on PyTorch's current stream of the tensor's device."""
+"""GPU build: csrc/temporal.cu compiled by NVRTC through CuPy's RawModule, one compiled function per
+(kernel variant, device), launched on PyTorch's current stream of the tensor's device."""
 from __future__ import annotations
 
 import functools
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .variants import CUDA_TYPES
+
 CSRC = Path(__file__).parent / "csrc"
-CUDA_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "f16_t",
-              torch.bfloat16: "bf16_t"}
 BLOCK = 256
 LANES = 1
 # --fmad=false: no implicit FMA contraction, so results equal the host build bit for bit.
-OPTIONS = ("-std=c++17", "--fmad=false", f"-DLIF_LANES={LANES}", f"-I{CSRC}")
+OPTIONS = ("-std=c++17", "--fmad=false", f"-DTF_LANES={LANES}", f"-I{CSRC}")
 MISSING_CUPY = ("a CUDA tensor was given but CuPy is not installed, and the GPU kernels of "
                 "sj_temporal_fusion run through CuPy: pip install 'sj-temporal-fusion[cuda13]' "
                 "(CUDA 13; '[cuda12]' for CUDA 12)")
@@ -31,24 +31,32 @@ def import_cupy():
 
 @functools.lru_cache(maxsize=None)
 def source() -> str:
-    # CuPy's compile cache keys on the source text, not on included headers: stamp the header in.
-    core = (CSRC / "lif_core.cuh").read_bytes()
-    return f"// lif_core.cuh sha256 {hashlib.sha256(core).hexdigest()}\n" + (CSRC / "lif.cu").read_text() + (
-        "\n" + (CSRC / "shard.cu").read_text())  # time-sharding kernels, compiled after lif.cu
-
-
-def name_expression(kernel: str, dtype: torch.dtype, surrogate_id: int | None = None) -> str:
-    args = CUDA_TYPES[dtype] if surrogate_id is None else f"{CUDA_TYPES[dtype]}, {surrogate_id}"
-    return f"{kernel}<{args}>"
+    """Every registered model's header, then the kernels. CuPy's compile cache keys on the source
+    text, not on included headers: the digest of csrc/ is stamped in."""
+    from ._host import sources_digest
+    from .neurons import REGISTRY
+    includes = "".join(f'#include "neurons/{name}.cuh"\n' for name in REGISTRY)
+    return f"// csrc sha256 {sources_digest()}\n{includes}#include \"temporal.cu\"\n"
 
 
 def all_name_expressions() -> list[str]:
-    """Every kernel variant the package can launch (what CI compiles with NVRTC)."""
-    from .surrogate import SURROGATES
-    names = [name_expression("lif_forward", d) for d in CUDA_TYPES]
-    names += [name_expression("lif_backward", d, s) for d in CUDA_TYPES for s in range(len(SURROGATES))]
-    names += [name_expression(k, d) for k in ("shard_forward", "shard_fixup") for d in CUDA_TYPES]
-    names += [name_expression("shard_backward", d, s) for d in CUDA_TYPES for s in range(len(SURROGATES))]
+    """The kernel variants CI compiles: for every model and dtype, every forward FORM, and the
+    backward over every FORM (default surrogate) and every surrogate (the model's first FORM),
+    with and without parameter gradients. Forms and surrogates vary independently in the code, so
+    this covers each of them without the full product."""
+    from .neurons import REGISTRY
+    from .surrogate import DEFAULT_ID, SURROGATES
+    from .variants import backward_variant, fixup_variant, forward_variant
+    names = []
+    for model in REGISTRY.values():
+        forward_forms = sorted({f & ~model.detach_bit for f in model.forms})
+        for dtype in CUDA_TYPES:
+            names += [forward_variant(model, dtype, f) for f in forward_forms]
+            if model.shardable:
+                names += [fixup_variant(model, dtype, f) for f in forward_forms]
+            names += [backward_variant(model, dtype, DEFAULT_ID, f, g) for f in model.forms for g in (False, True)]
+            names += [backward_variant(model, dtype, s, model.forms[0], False) for s in range(len(SURROGATES))
+                      if s != DEFAULT_ID]
     return names
 
 
@@ -68,6 +76,29 @@ def _as_kernel_arg(kind: str, value, acc_dtype):
     return np.int64(value) if kind == "ll" else np.int32(value)
 
 
+class _StreamHandle:
+    """A raw stream pointer in the CUDA stream protocol (``__cuda_stream__``: version 0, pointer)."""
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return (0, self.pointer)
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(stream_ptr: int, device_index: int):
+    """A CuPy view of PyTorch's stream, built once per stream. CuPy 14 deprecates
+    cupy.cuda.ExternalStream (a DeprecationWarning per construction); its replacement,
+    cupy.cuda.Stream.from_external, takes any object with ``__cuda_stream__``. CuPy 13 has only
+    ExternalStream."""
+    cupy = import_cupy()
+    with cupy.cuda.Device(device_index):
+        if hasattr(cupy.cuda.Stream, "from_external"):
+            return cupy.cuda.Stream.from_external(_StreamHandle(stream_ptr))
+        return cupy.cuda.ExternalStream(stream_ptr, device_index)
+
+
 def launch(expression: str, device: torch.device, n: int, args, acc_is_double: bool) -> None:
     """Launch ``expression`` over ``n`` neurons on the current PyTorch stream of ``device``."""
     cupy = import_cupy()
@@ -78,5 +109,5 @@ def launch(expression: str, device: torch.device, n: int, args, acc_is_double: b
     index = device.index if device.index is not None else torch.cuda.current_device()
     function = _function(expression, index)
     stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    with cupy.cuda.Device(index), _cupy_stream(stream.cuda_stream, index):
         function((blocks,), (BLOCK,), kernel_args)

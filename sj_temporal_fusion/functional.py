@@ -1,18 +1,18 @@
-"""The documented functional surface: one fused call runs a whole (T, N, *) sequence."""
+"""The documented functional surface: one fused call runs a whole (T, *) sequence of any
+registered neuron model (``neuron_multi_step``); ``lif_multi_step`` is its IF / LIF / PLIF form."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import ops, surrogate as surrogate_specs
-from .ops import Kind
+from .neurons import REGISTRY
+from .neurons.base import NeuronModel
 
-KINDS = {"if": Kind.IF, "lif": Kind.LIF, "plif": Kind.PLIF}
 
-
-def check_input(x_seq: Tensor, v_init: Optional[Tensor], w: Optional[Tensor] = None) -> None:
+def check_input(x_seq: Tensor, states: Sequence[Optional[Tensor]], names: Sequence[str]) -> None:
     """Raise a clear error for inputs the kernels cannot take."""
     if not isinstance(x_seq, Tensor):
         raise TypeError(f"x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
@@ -21,21 +21,92 @@ def check_input(x_seq: Tensor, v_init: Optional[Tensor], w: Optional[Tensor] = N
             f"backend 'temporal_fusion' takes float16, bfloat16, float32 or float64 inputs, got "
             f"{x_seq.dtype}: convert the input first, e.g. x.float()")
     if x_seq.dim() < 1 or x_seq.shape[0] == 0:
-        raise ValueError(f"x_seq must have shape (T, *) with T >= 1, got {tuple(x_seq.shape)}")
+        raise ValueError(
+            f"x_seq must have shape (T, *) with T >= 1 time steps, got shape {tuple(x_seq.shape)}: in step "
+            f"mode 'm' the first dimension is time (use step_mode='s' for one step of shape (N, *))")
     if x_seq.device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend 'temporal_fusion' runs on CPU and CUDA tensors, got {x_seq.device}")
     if x_seq.is_cuda:
         from ._cuda import import_cupy
         import_cupy()
-    for name, t in (("v_init", v_init), ("w", w)):
-        if t is not None and t.device != x_seq.device:
-            raise ValueError(f"{name} is on {t.device} but x_seq is on {x_seq.device}: "
-                             f"move them to one device")
-    if v_init is not None and v_init.shape != x_seq.shape[1:]:
-        raise ValueError(
-            f"the membrane state has shape {tuple(v_init.shape)} but each input step has shape "
-            f"{tuple(x_seq.shape[1:])}; a stored state matches only inputs of its own shape: call "
-            f"spikingjelly.activation_based.functional.reset_net(net) before changing the input shape")
+    for name, state in zip(names, states):
+        if state is None:
+            continue
+        if state.device != x_seq.device:
+            raise ValueError(f"{name} is on {state.device} but x_seq is on {x_seq.device}: move them to one device")
+        if state.shape != x_seq.shape[1:]:
+            raise ValueError(
+                f"the state {name} has shape {tuple(state.shape)} but each input step has shape "
+                f"{tuple(x_seq.shape[1:])}; a stored state matches only inputs of its own shape: call "
+                f"spikingjelly.activation_based.functional.reset_net(net) before changing the input shape")
+
+
+_CONSTANT_PARAMS: dict = {}
+
+
+def parameter_tensor(values: list, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, int]:
+    """The kernel's parameter tensor in the state dtype, and the mask of its learnable entries.
+    Constant parameter sets are built once per device (no host-to-device copy per call)."""
+    mask = sum(1 << i for i, v in enumerate(values) if isinstance(v, Tensor) and v.requires_grad)
+    if not any(isinstance(v, Tensor) for v in values):
+        key = (tuple(values), dtype, device)
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, dtype=dtype, device=device), 0
+        cached = _CONSTANT_PARAMS.get(key)
+        if cached is None:
+            cached = _CONSTANT_PARAMS.setdefault(key, torch.tensor(values, dtype=dtype, device=device))
+        return cached, 0
+    entries = [v.to(device=device, dtype=dtype).reshape(()) if isinstance(v, Tensor)
+               else torch.tensor(v, dtype=dtype, device=device) for v in values]
+    return torch.stack(entries), mask
+
+
+def neuron_multi_step(x_seq: Tensor, state: Optional[Sequence[Optional[Tensor]]] = None, *,
+                      model: str = "lif", surrogate_function=None, store_v_seq: bool = False,
+                      **options) -> tuple[Tensor, tuple, Optional[Tensor]]:
+    """Run neuron model ``model`` (a key of ``neurons.REGISTRY``) over a whole sequence in one
+    fused kernel.
+
+    x_seq: (T, *) input currents; ``state``: one tensor (*) per state variable of the model (v, or
+    v and w) or None for the model's initial state; ``options``: the node's options with
+    SpikingJelly's names and defaults (``neurons.REGISTRY[model].defaults``).
+
+    Returns (spike_seq (T, *) in x_seq's dtype, the final state (a tuple, in the state dtype:
+    fp32 for fp16/bf16/fp32 inputs, fp64 for fp64, so splitting a sequence over calls gives the
+    result of one call), v_seq (T, *) if ``store_v_seq`` else None). Gradients flow to x_seq, the
+    state and learnable options (tensors that require grad: PLIF's w, KLIF's k, v_threshold ...).
+    """
+    m = _model(model)
+    unknown = set(options) - set(m.defaults)
+    if unknown:
+        raise TypeError(f"model {model!r} takes the options {sorted(m.defaults)}, got unknown {sorted(unknown)}")
+    o = dict(m.defaults, **options)
+    m.validate(o)
+    states = tuple(state) if state is not None else (None,) * m.num_states
+    if len(states) != m.num_states:
+        raise ValueError(f"model {model!r} has state variables {m.states}; state must hold {m.num_states} "
+                         f"tensors, got {len(states)}")
+    check_input(x_seq, states, m.states)
+    sg = surrogate_specs.spec(surrogate_function)
+    acc = ops.state_dtype(x_seq.dtype)
+    x = x_seq.contiguous()
+    init = m.initial_state(o)
+    z = [x.new_full(x.shape[1:], init[k], dtype=acc) if s is None else s.to(acc).contiguous()
+         for k, s in enumerate(states)]
+    aux = z[1] if m.num_states == 2 else x.new_empty((0,), dtype=acc)
+    params, mask = parameter_tensor(m.param_values(o), acc, x.device)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or mask != 0 or any(t.requires_grad for t in z))
+    spike, v_last, aux_last, v_seq, _ = ops.neuron_forward(
+        x, z[0], aux, params, m.name, m.forward_form(o), m.form(o), sg.id, sg.a, sg.b, mask,
+        bool(store_v_seq), needs_grad)
+    final = (v_last, aux_last) if m.num_states == 2 else (v_last,)
+    return spike, final, v_seq if store_v_seq else None
+
+
+def _model(name: str) -> NeuronModel:
+    if name not in REGISTRY:
+        raise ValueError(f"model must be one of {sorted(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
 
 
 def lif_multi_step(x_seq: Tensor, v_init: Optional[Tensor] = None, *, kind: str = "lif",
@@ -50,36 +121,12 @@ def lif_multi_step(x_seq: Tensor, v_init: Optional[Tensor] = None, *, kind: str 
     ``w``, decay sigmoid(w)). ``v_reset=None`` selects soft reset. Dynamics, options and
     gradients are those of SpikingJelly 0.0.0.0.14's IFNode / LIFNode / ParametricLIFNode.
 
-    Returns (spike_seq (T, *), v_last (*), v_seq (T, *) if ``store_v_seq`` else None), all in
-    x_seq's dtype; gradients flow to x_seq, v_init and w.
+    Returns (spike_seq (T, *) in x_seq's dtype, v_last (*) in the state dtype (fp32 for
+    fp16/bf16/fp32, fp64 for fp64), v_seq (T, *) if ``store_v_seq`` else None); gradients flow to
+    x_seq, v_init, w and a learnable v_threshold / v_reset.
     """
-    neuron = KINDS.get(kind)
-    if neuron is None:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if neuron == Kind.PLIF and not isinstance(w, Tensor):
-        raise ValueError("kind='plif' needs the learnable w tensor (decay = sigmoid(w))")
-    if neuron == Kind.LIF and not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    check_input(x_seq, v_init, w if neuron == Kind.PLIF else None)
-    sg = surrogate_specs.spec(surrogate_function)
-    hard_reset = v_reset is not None
-    T, shape = x_seq.shape[0], x_seq.shape[1:]
-    x = x_seq.reshape(T, -1).contiguous()
-    if v_init is None:
-        v = x.new_full((x.shape[1],), float(v_reset) if hard_reset else 0.0)
-    else:
-        v = v_init.to(x.dtype).reshape(-1).contiguous()
-    tau_value = float(tau) if neuron == Kind.LIF else 1.0
-    keep = 1.0 - 1.0 / tau_value  # LIF's v * (1 - 1/tau), computed in double as SpikingJelly does
-    k_tensor = None
-    if neuron == Kind.PLIF:  # (k, 1 - k) in w's dtype, as ParametricLIFNode computes them
-        k = w.sigmoid().reshape(1)
-        k_tensor = torch.cat([k, 1.0 - k]).to(ops.state_dtype(x.dtype))
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or v.requires_grad or (k_tensor is not None and k_tensor.requires_grad))
-    spike, v_last, v_seq, _ = ops.lif_forward(
-        x, v, k_tensor, tau_value, keep, float(v_threshold), float(v_reset) if hard_reset else 0.0,
-        int(neuron), bool(decay_input), hard_reset, bool(detach_reset), sg.id, sg.a, sg.b,
-        bool(store_v_seq), needs_grad)
-    return (spike.reshape(x_seq.shape), v_last.reshape(shape),
-            v_seq.reshape(x_seq.shape) if store_v_seq else None)
+    spike, (v_last,), v_seq = neuron_multi_step(
+        x_seq, None if v_init is None else (v_init,), model="lif", kind=kind, tau=tau, w=w,
+        decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset,
+        surrogate_function=surrogate_function, store_v_seq=store_v_seq)
+    return spike, v_last, v_seq

@@ -1,35 +1,33 @@
-"""torch.library custom ops over the fused kernels, with fake (meta) implementations and
-registered autograd; they run the GPU build for CUDA tensors and the host build otherwise.
+"""torch.library custom ops over the fused kernels, for every neuron model, with fake (meta)
+implementations and registered autograd; the GPU build runs them for CUDA tensors, the host build
+otherwise.
 
-Layer names: ``sj_temporal_fusion::lif_forward`` / ``lif_backward`` (here) ->
-``functional.lif_multi_step`` -> the SpikingJelly neuron hook (``spikingjelly.py``).
-Signatures carry plain values only: the neuron kind and the surrogate are integers.
+Layer names: ``sj_temporal_fusion::neuron_forward`` / ``neuron_backward`` / ``neuron_fixup`` (here)
+-> ``functional.neuron_multi_step`` (and ``lif_multi_step``) -> the SpikingJelly neuron hook
+(``spikingjelly.py``). Signatures carry plain values only and do not grow with the models: the
+model is its registry name, its options a FORM integer and one parameter tensor.
+
+Layouts: x and sequences (T, *); states (*) each, in the state dtype; v is the first state variable,
+``aux`` the second (IzhikevichNode's w; an empty tensor for one-state models); checkpoints
+(ceil(T/16), S, N) in the state dtype.
 """
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _cuda, _host
+from .neurons import REGISTRY
+from .variants import backward_variant, fixup_variant, forward_variant
 
-CHUNK = 16  # LIF_CHUNK in csrc/lif.cu: a checkpoint of v every 16 steps
-
-
-class Kind(IntEnum):
-    IF = 0
-    LIF = 1
-    PLIF = 2
-
-
-DECAY_INPUT, HARD_RESET, DETACH_RESET = 1, 2, 4
+CHUNK = 16  # TF_CHUNK in csrc/common/lanes.cuh: a checkpoint of the state every 16 steps
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision of the membrane state inside the kernels: fp64 for fp64, else fp32."""
+    """Precision of the state inside the kernels and between calls: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -37,85 +35,126 @@ def num_checkpoints(T: int) -> int:
     return (T + CHUNK - 1) // CHUNK
 
 
-def _flags(decay_input: bool, hard_reset: bool, detach_reset: bool) -> int:
-    return (DECAY_INPUT if decay_input else 0) | (HARD_RESET if hard_reset else 0) | (
-        DETACH_RESET if detach_reset else 0)
-
-
-def _launch(kernel: str, x: Tensor, surrogate_id: Optional[int], args) -> None:
+def launch(expression: str, x: Tensor, args) -> None:
     """The one place a kernel is launched: GPU build for CUDA tensors, host build otherwise."""
+    n = x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else 0
     if x.is_cuda:
-        expression = _cuda.name_expression(kernel, x.dtype, surrogate_id)
-        _cuda.launch(expression, x.device, x.shape[1], args, x.dtype == torch.float64)
+        _cuda.launch(expression, x.device, n, args, x.dtype == torch.float64)
     else:
-        _host.launch("tf_" + kernel, x.dtype, surrogate_id, args)
+        _host.launch(expression, n, args, x.dtype == torch.float64)
 
 
-@torch.library.custom_op("sj_temporal_fusion::lif_forward", mutates_args=())
-def lif_forward(x: Tensor, v_init: Tensor, k_tensor: Optional[Tensor], tau: float, keep: float,
-                v_threshold: float, v_reset: float, kind: int, decay_input: bool, hard_reset: bool,
-                detach_reset: bool, surrogate_id: int, surrogate_a: float, surrogate_b: float,
-                store_v_seq: bool, save_checkpoints: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x (T, N), v_init (N,) -> spike (T, N), v_last (N,), v_seq (T, N) or (0, N), checkpoints
-    (ceil(T/16), N) in the state dtype or (0, N). ``k_tensor`` (2,) is PLIF's (sigmoid(w),
-    1 - sigmoid(w)), read on the device; ``keep`` is LIF's 1 - 1/tau. The surrogate arguments
-    are kept for the backward."""
-    T, N = x.shape
-    spike = torch.empty_like(x)
-    v_last = torch.empty_like(v_init)
-    v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0, N))
-    checkpoints = x.new_empty((num_checkpoints(T) if save_checkpoints else 0, N), dtype=state_dtype(x.dtype))
-    _launch("lif_forward", x, None, [
-        ("ptr", x), ("ptr", v_init), ("ptr", spike), ("ptr", v_last),
-        ("ptr", v_seq if store_v_seq else None), ("ptr", checkpoints if save_checkpoints else None),
-        ("ptr", k_tensor), ("acc", tau), ("acc", keep), ("acc", v_threshold), ("acc", v_reset),
-        ("int", kind), ("int", _flags(decay_input, hard_reset, detach_reset)), ("int", T), ("ll", N)])
-    return spike, v_last, v_seq, checkpoints
+def _empty_state(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=state_dtype(x.dtype))
 
 
-@lif_forward.register_fake
-def _(x, v_init, k_tensor, tau, keep, v_threshold, v_reset, kind, decay_input, hard_reset, detach_reset,
-      surrogate_id, surrogate_a, surrogate_b, store_v_seq, save_checkpoints):
-    T, N = x.shape
-    v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0, N))
-    checkpoints = x.new_empty((num_checkpoints(T) if save_checkpoints else 0, N), dtype=state_dtype(x.dtype))
-    return torch.empty_like(x), torch.empty_like(v_init), v_seq, checkpoints
+def _forward_outputs(x: Tensor, num_states: int, store_v_seq: bool, save_checkpoints: bool):
+    acc = state_dtype(x.dtype)
+    T, n = x.shape[0], x[0].numel()
+    v_last = x.new_empty(x.shape[1:], dtype=acc)
+    aux_last = x.new_empty(x.shape[1:], dtype=acc) if num_states == 2 else _empty_state(x)
+    v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0,))
+    checkpoints = x.new_empty((num_checkpoints(T), num_states, n) if save_checkpoints else (0,), dtype=acc)
+    return torch.empty_like(x), v_last, aux_last, v_seq, checkpoints
 
 
-@torch.library.custom_op("sj_temporal_fusion::lif_backward", mutates_args=())
-def lif_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
-                 x: Tensor, checkpoints: Tensor, k_tensor: Optional[Tensor], tau: float, keep: float,
-                 v_threshold: float, v_reset: float, kind: int, decay_input: bool, hard_reset: bool,
-                 detach_reset: bool, surrogate_id: int, surrogate_a: float, surrogate_b: float,
-                 want_grad_k: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> grad_x (T, N), grad_v_init (N,), per-neuron dL/dk (N,) in the state dtype (or (0,))."""
-    T, N = x.shape
-    grad_x = torch.empty_like(x)
-    grad_v_init = x.new_empty((N,))
-    grad_k = x.new_empty((N if want_grad_k else 0,), dtype=state_dtype(x.dtype))
-    _launch("lif_backward", x, surrogate_id, [
-        ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", x), ("ptr", checkpoints),
-        ("ptr", k_tensor), ("ptr", grad_x), ("ptr", grad_v_init), ("ptr", grad_k if want_grad_k else None),
-        ("acc", tau), ("acc", keep), ("acc", v_threshold), ("acc", v_reset), ("acc", surrogate_a),
-        ("acc", surrogate_b), ("int", kind), ("int", _flags(decay_input, hard_reset, detach_reset)),
-        ("int", T), ("ll", N)])
-    return grad_x, grad_v_init, grad_k
+@torch.library.custom_op("sj_temporal_fusion::neuron_forward", mutates_args=())
+def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, model: str, form: int,
+                   backward_form: int, surrogate_id: int, surrogate_a: float, surrogate_b: float,
+                   param_grad_mask: int, store_v_seq: bool, save_checkpoints: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (T, *), v_init and aux_init (*) in the state dtype (aux_init empty for one-state models),
+    params (NP,) in the state dtype -> spike (T, *), v_last, aux_last, v_seq (T, *) or empty,
+    checkpoints or empty. ``backward_form``, the surrogate arguments and ``param_grad_mask`` (the
+    entries of ``params`` that are learnable) are kept for the backward."""
+    m = REGISTRY[model]
+    spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, m.num_states, store_v_seq, save_checkpoints)
+    two = m.num_states == 2
+    launch(forward_variant(m, x.dtype, form), x, [
+        ("ptr", x), ("ptr", v_init), ("ptr", aux_init if two else None), ("ptr", spike), ("ptr", v_last),
+        ("ptr", aux_last if two else None), ("ptr", v_seq if store_v_seq else None),
+        ("ptr", checkpoints if save_checkpoints else None), ("ptr", params), ("int", x.shape[0]),
+        ("ll", x[0].numel())])
+    return spike, v_last, aux_last, v_seq, checkpoints
 
 
-@lif_backward.register_fake
-def _(grad_spike, grad_v_seq, grad_v_last, x, checkpoints, k_tensor, tau, keep, v_threshold, v_reset, kind,
-      decay_input, hard_reset, detach_reset, surrogate_id, surrogate_a, surrogate_b, want_grad_k):
-    T, N = x.shape
-    grad_k = x.new_empty((N if want_grad_k else 0,), dtype=state_dtype(x.dtype))
-    return torch.empty_like(x), x.new_empty((N,)), grad_k
+@neuron_forward.register_fake
+def _(x, v_init, aux_init, params, model, form, backward_form, surrogate_id, surrogate_a, surrogate_b,
+      param_grad_mask, store_v_seq, save_checkpoints):
+    return _forward_outputs(x, REGISTRY[model].num_states, store_v_seq, save_checkpoints)
+
+
+def _backward_outputs(x: Tensor, num_states: int, num_params: int, param_grads: bool, want_grad_x: bool,
+                      want_a: bool):
+    acc = state_dtype(x.dtype)
+    n = x[0].numel()
+    grad_x = torch.empty_like(x) if want_grad_x else x.new_empty((0,))
+    grad_v_init = x.new_empty(x.shape[1:], dtype=acc)
+    grad_aux_init = x.new_empty(x.shape[1:], dtype=acc) if num_states == 2 else _empty_state(x)
+    grad_params = x.new_empty((num_params, n), dtype=acc) if param_grads else _empty_state(x)
+    a_prod = x.new_empty((n,), dtype=acc) if want_a else _empty_state(x)
+    return grad_x, grad_v_init, grad_aux_init, grad_params, a_prod
+
+
+@torch.library.custom_op("sj_temporal_fusion::neuron_backward", mutates_args=())
+def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
+                    grad_aux_last: Optional[Tensor], x: Tensor, checkpoints: Tensor, params: Tensor,
+                    model: str, form: int, surrogate_id: int, surrogate_a: float, surrogate_b: float,
+                    grad_params_mask: int, want_grad_x: bool, want_a: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> grad_x (T, *) or empty, grad_v_init and grad_aux_init (*) in the state dtype, per-neuron
+    parameter gradients (NP, N) (only the rows in ``grad_params_mask`` are written) or empty, and
+    (time sharding, one state variable) the product of the steps' carry factors (N,) or empty."""
+    m = REGISTRY[model]
+    param_grads = grad_params_mask != 0
+    outs = _backward_outputs(x, m.num_states, len(m.params), param_grads, want_grad_x, want_a)
+    grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
+    two = m.num_states == 2
+    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads), x, [
+        ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", grad_aux_last if two else None),
+        ("ptr", x), ("ptr", checkpoints), ("ptr", params), ("ptr", grad_x if want_grad_x else None),
+        ("ptr", grad_v_init), ("ptr", grad_aux_init if two else None),
+        ("ptr", grad_params if param_grads else None), ("int", grad_params_mask),
+        ("ptr", a_prod if want_a else None), ("acc", surrogate_a), ("acc", surrogate_b),
+        ("int", x.shape[0]), ("ll", x[0].numel())])
+    return outs
+
+
+@neuron_backward.register_fake
+def _(grad_spike, grad_v_seq, grad_v_last, grad_aux_last, x, checkpoints, params, model, form, surrogate_id,
+      surrogate_a, surrogate_b, grad_params_mask, want_grad_x, want_a):
+    m = REGISTRY[model]
+    return _backward_outputs(x, m.num_states, len(m.params), grad_params_mask != 0, want_grad_x, want_a)
+
+
+@torch.library.custom_op("sj_temporal_fusion::neuron_fixup",
+                         mutates_args=("checkpoints", "spike", "v_seq", "v_last"))
+def neuron_fixup(x: Tensor, v_true_init: Tensor, checkpoints: Tensor, spike: Tensor, v_seq: Optional[Tensor],
+                 v_last: Tensor, params: Tensor, model: str, form: int) -> Tensor:
+    """Time sharding: rewrites the speculative run's ``spike``, ``v_seq``, ``checkpoints`` and
+    ``v_last`` (in place) into the run from ``v_true_init``. Returns the fix-up length per neuron
+    (N,) int32: the first step whose pre-spike h equals the speculative one bitwise, or T."""
+    m = REGISTRY[model]
+    if not m.shardable:
+        raise ValueError(f"model {model!r} has {m.num_states} state variables; the speculative fix-up "
+                         f"needs one")
+    fixup_len = torch.empty((x[0].numel(),), dtype=torch.int32, device=x.device)
+    launch(fixup_variant(m, x.dtype, form), x, [
+        ("ptr", x), ("ptr", v_true_init), ("ptr", checkpoints), ("ptr", spike), ("ptr", v_seq),
+        ("ptr", v_last), ("ptr", fixup_len), ("ptr", params), ("int", x.shape[0]), ("ll", x[0].numel())])
+    return fixup_len
+
+
+@neuron_fixup.register_fake
+def _(x, v_true_init, checkpoints, spike, v_seq, v_last, params, model, form):
+    return torch.empty((x[0].numel(),), dtype=torch.int32, device=x.device)
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, k_tensor, *options = inputs
-    ctx.options = tuple(options[:-2])  # tau ... surrogate_b; drops store_v_seq, save_checkpoints
-    ctx.save_for_backward(x, output[3], k_tensor)
-    ctx.mark_non_differentiable(output[3])
-    # An unused output (v_seq, v_last) then arrives as None, not as zeros the backward would read.
+    x, _, _, params, model, _, backward_form, surrogate_id, surrogate_a, surrogate_b, mask, _, _ = inputs
+    ctx.options = (model, backward_form, surrogate_id, surrogate_a, surrogate_b, mask)
+    ctx.save_for_backward(x, output[4], params)
+    ctx.mark_non_differentiable(output[4])
+    # An unused output (v_seq, the final state) then arrives as None, not as zeros the backward reads.
     ctx.set_materialize_grads(False)
 
 
@@ -123,21 +162,26 @@ def _present(grad: Optional[Tensor]) -> Optional[Tensor]:
     return None if grad is None or grad.numel() == 0 else grad.contiguous()
 
 
-def _backward(ctx, grad_spike, grad_v_last, grad_v_seq, _grad_checkpoints):
-    x, checkpoints, k_tensor = ctx.saved_tensors
-    if checkpoints.shape[0] == 0:
+def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_checkpoints):
+    x, checkpoints, params = ctx.saved_tensors
+    model, form, surrogate_id, surrogate_a, surrogate_b, mask = ctx.options
+    if checkpoints.numel() == 0:
         raise RuntimeError(
-            "sj_temporal_fusion::lif_forward ran with save_checkpoints=False, so it cannot be "
-            "differentiated; call functional.lif_multi_step, which saves them when grad is needed")
+            "sj_temporal_fusion::neuron_forward ran with save_checkpoints=False, so it cannot be "
+            "differentiated; call functional.neuron_multi_step, which saves them when grad is needed")
     if grad_spike is None:
         grad_spike = torch.zeros_like(x)
-    want_grad_k = k_tensor is not None and ctx.needs_input_grad[2]
-    grad_x, grad_v_init, grad_k = lif_backward(
-        grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), x, checkpoints, k_tensor,
-        *ctx.options, want_grad_k)
-    # The kernel's dL/dk treats 1 - k as a function of k, so the second entry gets no gradient.
-    grad_k_total = torch.stack([grad_k.sum(), grad_k.new_zeros(())]).to(k_tensor.dtype) if want_grad_k else None
-    return (grad_x, grad_v_init, grad_k_total) + (None,) * 13
+    mask = mask if ctx.needs_input_grad[3] else 0
+    grad_x, grad_v_init, grad_aux_init, grad_params, _ = neuron_backward(
+        grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), _present(grad_aux_last), x,
+        checkpoints, params, model, form, surrogate_id, surrogate_a, surrogate_b, mask, True, False)
+    grad_params_total = None
+    if mask:  # the learnable entries' gradients, summed over neurons; autograd routes each back
+        rows = [i for i in range(params.shape[0]) if mask >> i & 1]
+        grad_params_total = params.new_zeros(params.shape).index_copy(
+            0, torch.tensor(rows, device=params.device), grad_params[rows].sum(1).to(params.dtype))
+    grad_aux = grad_aux_init if grad_aux_init.numel() else None
+    return (grad_x, grad_v_init, grad_aux, grad_params_total) + (None,) * 9
 
 
-torch.library.register_autograd("sj_temporal_fusion::lif_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sj_temporal_fusion::neuron_forward", _backward, setup_context=_setup_context)

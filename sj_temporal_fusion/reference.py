@@ -1,4 +1,4 @@
-"""Pure-PyTorch IF / LIF / ParametricLIF: the test oracle. Step by step, autograd through every
+"""Pure-PyTorch neurons: the test oracle. Step by step, autograd through every
 op, in whatever dtype it is given (fp64 for an oracle). The charge formulas are SpikingJelly
 0.0.0.0.14's; the surrogate derivatives are written out here from its documentation, apart from
 both SpikingJelly's code and the kernels."""
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import surrogate as surrogate_specs
+from .neurons import REGISTRY
 
 
 def surrogate_grad(sg_id: int, x: Tensor, a: float, b: float) -> Tensor:
@@ -67,34 +68,34 @@ class _Spike(torch.autograd.Function):
         return grad * surrogate_grad(*ctx.sg[:1], x, *ctx.sg[1:]), None, None, None
 
 
+def neuron_reference(x_seq: Tensor, state=None, *, model: str = "lif", surrogate_function=None,
+                     store_v_seq: bool = False, **options) -> tuple[Tensor, tuple, Optional[Tensor]]:
+    """Same contract as ``functional.neuron_multi_step``, computed step by step in x_seq's dtype
+    from the model's reference charge and reset (``neurons/<name>.py``)."""
+    m = REGISTRY[model]
+    o = dict(m.defaults, **options)
+    sg = surrogate_specs.spec(surrogate_function)
+    init = m.initial_state(o)
+    z = tuple(x_seq.new_full(x_seq.shape[1:], init[k]) if state is None or state[k] is None
+              else state[k].to(x_seq) for k in range(m.num_states))
+    spikes, vs = [], []
+    for x in x_seq:
+        h = m.charge(z, x, o)
+        s = _Spike.apply(h - o["v_threshold"], sg.id, sg.a, sg.b)
+        z = m.reset(z, h, s, s.detach() if o["detach_reset"] else s, o)
+        spikes.append(s)
+        vs.append(z[0])
+    return torch.stack(spikes), z, torch.stack(vs) if store_v_seq else None
+
+
 def lif_reference(x_seq: Tensor, v_init: Optional[Tensor] = None, *, kind: str = "lif",
                   tau: float = 2.0, w: Optional[Tensor] = None, decay_input: bool = True,
                   v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = False, surrogate_function=None,
                   store_v_seq: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Same contract as ``functional.lif_multi_step``, computed step by step in x_seq's dtype."""
-    sg = surrogate_specs.spec(surrogate_function)
-    hard = v_reset is not None
-    reset0 = not hard or v_reset == 0.0
-    v = x_seq.new_full(x_seq.shape[1:], v_reset if hard else 0.0) if v_init is None else v_init.to(x_seq)
-    k = w.sigmoid().to(x_seq.dtype) if kind == "plif" else None
-    spikes, vs = [], []
-    for x in x_seq:
-        if kind == "if":
-            h = v + x
-        elif kind == "lif":
-            if decay_input:
-                h = v + (x - v) / tau if reset0 else v + (x - (v - v_reset)) / tau
-            else:
-                h = v * (1.0 - 1.0 / tau) + x if reset0 else v - (v - v_reset) / tau + x
-        else:
-            if decay_input:
-                h = v + (x - v) * k if reset0 else v + (x - (v - v_reset)) * k
-            else:
-                h = v * (1.0 - k) + x if reset0 else v - (v - v_reset) * k + x
-        s = _Spike.apply(h - v_threshold, sg.id, sg.a, sg.b)
-        sd = s.detach() if detach_reset else s
-        v = (1.0 - sd) * h + sd * v_reset if hard else h - sd * v_threshold
-        spikes.append(s)
-        vs.append(v)
-    return torch.stack(spikes), v, torch.stack(vs) if store_v_seq else None
+    """Same contract as ``functional.lif_multi_step`` (v_last in x_seq's dtype here)."""
+    spikes, (v,), vs = neuron_reference(
+        x_seq, None if v_init is None else (v_init,), model="lif", kind=kind, tau=tau, w=w,
+        decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset,
+        surrogate_function=surrogate_function, store_v_seq=store_v_seq)
+    return spikes, v, vs

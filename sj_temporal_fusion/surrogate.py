@@ -34,6 +34,7 @@ SURROGATES = (
     (sj_surrogate.LogTailedReLU, "SG_LOG_TAILED_RELU", ("alpha", None)),
 )
 NAMES = {cls: i for i, (cls, _, _) in enumerate(SURROGATES)}
+DEFAULT_ID = NAMES[sj_surrogate.Sigmoid]  # SpikingJelly's default surrogate
 
 
 def spec(surrogate_function) -> SurrogateSpec:

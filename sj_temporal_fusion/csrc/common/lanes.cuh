@@ -1,0 +1,59 @@
+// How a thread walks its neurons and time steps. One thread owns TF_LANES neurons and runs the
+// whole time loop; sequences are (T, N) contiguous, neuron i of step t at t * N + i (64-bit).
+//   GPU shape (NVRTC, and the host's TF_EMULATE_GPU build): lanes blockDim.x apart (coalesced),
+//     chunk loops fully unrolled with a length guard (register arrays), x loaded a chunk ahead.
+//   CPU shape (the host's default build): lanes contiguous so the lane loop vectorises, plain
+//     chunk loops, x read where it is used.
+#pragma once
+#include "common/fp.cuh"
+
+#ifndef TF_LANES
+#define TF_LANES 1
+#endif
+#ifndef TF_CHUNK
+#define TF_CHUNK 16  // a checkpoint of the state every 16 steps; the backward keeps a chunk in registers
+#endif
+
+#if defined(__CUDACC__) || defined(TF_EMULATE_GPU)
+#define TF_GPU_SHAPE 1
+#define TF_LANE_STRIDE ((long long)blockDim.x)
+#define LANE_FOR(l, nl) _Pragma("unroll") for (int l = 0; l < TF_LANES; ++l) if (l < (nl))
+#define CHUNK_UP(j, len) _Pragma("unroll") for (int j = 0; j < TF_CHUNK; ++j) if (j < (len))
+#define CHUNK_DOWN(j, len) _Pragma("unroll") for (int j = TF_CHUNK - 1; j >= 0; --j) if (j < (len))
+#else
+#define TF_GPU_SHAPE 0
+#define TF_LANE_STRIDE 1LL
+#define LANE_FOR(l, nl) _Pragma("omp simd") for (int l = 0; l < (nl); ++l)
+#define CHUNK_UP(j, len) for (int j = 0; j < (len); ++j)
+#define CHUNK_DOWN(j, len) for (int j = (len) - 1; j >= 0; --j)
+#endif
+#ifdef __CUDACC__
+#define TF_COUNT_READ(n) ((void)0)
+#define TF_COUNT_WRITE(n) ((void)0)
+#endif
+
+template <typename T>
+TF_HD T tf_load(const T* __restrict__ p, long long i) {
+  TF_COUNT_READ(sizeof(T));
+  return p[i];
+}
+
+template <typename T>
+TF_HD void tf_store(T* __restrict__ p, long long i, T v) {
+  TF_COUNT_WRITE(sizeof(T));
+  p[i] = v;
+}
+
+// First neuron of this thread and how many of its lanes lie below N.
+struct LaneRange {
+  long long base;
+  int count;
+};
+
+TF_HD LaneRange lane_range(long long N) {
+  LaneRange r;
+  r.base = (long long)blockIdx.x * blockDim.x * TF_LANES + threadIdx.x;
+  long long left = r.base < N ? (N - r.base + TF_LANE_STRIDE - 1) / TF_LANE_STRIDE : 0;
+  r.count = left < TF_LANES ? (int)left : TF_LANES;
+  return r;
+}

@@ -1,0 +1,22 @@
+"""Kernel variant names: one C++ name expression per (kernel, model, dtype, FORM[, surrogate,
+parameter gradients]). NVRTC compiles it (``_cuda``) and so does g++ (``_host``), each when first used."""
+from __future__ import annotations
+
+import torch
+
+from .neurons.base import NeuronModel
+
+CUDA_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "f16_t", torch.bfloat16: "bf16_t"}
+
+
+def forward_variant(model: NeuronModel, dtype: torch.dtype, form: int) -> str:
+    return f"neuron_forward<{model.struct}, {CUDA_TYPES[dtype]}, {form}>"
+
+
+def backward_variant(model: NeuronModel, dtype: torch.dtype, surrogate_id: int, form: int, param_grads: bool) -> str:
+    return (f"neuron_backward<{model.struct}, {CUDA_TYPES[dtype]}, {surrogate_id}, {form}, "
+            f"{'true' if param_grads else 'false'}>")
+
+
+def fixup_variant(model: NeuronModel, dtype: torch.dtype, form: int) -> str:
+    return f"neuron_fixup<{model.struct}, {CUDA_TYPES[dtype]}, {form}>"
