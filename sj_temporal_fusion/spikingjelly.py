@@ -1,68 +1,124 @@
-"""Registration of backend 'temporal_fusion' on SpikingJelly 0.0.0.0.14's IFNode, LIFNode and
-ParametricLIFNode, in step modes 'm' and 's'. Each class keeps its own code for its other
-backends; ours is added beside them and removed again by ``unregister()``."""
+"""Registration of backend 'temporal_fusion' on every SpikingJelly 0.0.0.0.14 neuron class a model
+in ``neurons.REGISTRY`` serves, in step modes 'm' and 's'. Each class keeps its own code for its
+other backends; ours is added beside it.
+
+``register()`` (run by ``import sj_temporal_fusion``) and ``unregister()`` are each other's
+inverse and may be called any number of times. After ``unregister()`` the backend is no longer
+offered, and a node still set to it raises a RuntimeError that says so instead of silently running
+another backend. A node set to the backend pickles its backend as a reference to this package, so
+a whole saved model loads in a fresh process: unpickling imports sj_temporal_fusion, which registers.
+"""
 from __future__ import annotations
 
-from spikingjelly.activation_based import base, neuron
+from spikingjelly.activation_based import base
 
-from .functional import lif_multi_step
+from .functional import check_input, neuron_multi_step
+from .neurons import REGISTRY, model_of
+from .ops import state_dtype
 
 BACKEND = "temporal_fusion"
-NODES = (neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode)
-_PATCHED = ("supported_backends", "multi_step_forward", "single_step_forward")
-_DYNAMICS = ("neuronal_charge", "neuronal_fire", "neuronal_reset")
+_PATCHED = ("supported_backends", "multi_step_forward", "single_step_forward", "backend")
+_DYNAMICS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "neuronal_adaptation")
 _saved: dict = {}  # class -> {attribute: the class's own attribute, or None if inherited}
+_registered = False
 
 
-def _node_class(node):
-    return next(cls for cls in NODES if isinstance(node, cls))
+class _BackendName(str):
+    """'temporal_fusion' as a node stores it: equal to the string, pickled as this package's."""
+
+    def __reduce__(self):
+        return (_backend_name, ())
+
+
+def _backend_name() -> str:
+    return BACKEND_NAME  # unpickling imported sj_temporal_fusion, which registered the backend
+
+
+BACKEND_NAME = _BackendName(BACKEND)
+
+
+def node_classes() -> tuple:
+    return tuple(cls for model in REGISTRY.values() for cls in model.classes)
+
+
+def _served_class(node):
+    model = model_of(node)
+    return next(cls for cls in type(node).__mro__ if cls in model.classes)
 
 
 def fusable(node) -> bool:
     """True unless a subclass changed the dynamics: the kernels implement the stock ones only."""
-    cls = _node_class(node)
-    return all(getattr(type(node), name) is getattr(cls, name) for name in _DYNAMICS)
+    cls = _served_class(node)
+    return all(getattr(type(node), name, None) is getattr(cls, name, None) for name in _DYNAMICS)
 
 
 def node_options(node) -> dict:
-    """The keyword arguments of ``lif_multi_step`` that reproduce ``node``."""
-    options = dict(v_threshold=node.v_threshold, v_reset=node.v_reset, detach_reset=node.detach_reset,
-                   surrogate_function=node.surrogate_function)
-    if isinstance(node, neuron.LIFNode):
-        options.update(kind="lif", tau=node.tau, decay_input=node.decay_input)
-    elif isinstance(node, neuron.ParametricLIFNode):
-        options.update(kind="plif", w=node.w, decay_input=node.decay_input)
-    else:
-        options.update(kind="if")
-    return options
+    """The keyword options of ``neuron_multi_step`` that reproduce ``node`` (model included)."""
+    return dict(model_of(node).node_options(node), model=model_of(node).name,
+                surrogate_function=node.surrogate_function)
+
+
+def _node_state(node, x_step) -> tuple:
+    """The node's state as the kernels take it: tensors in the state dtype (a float state, as after
+    reset_net, becomes a full tensor of that value)."""
+    acc = state_dtype(x_step.dtype)
+    states = []
+    for name in model_of(node).states:
+        value = getattr(node, name)
+        states.append(x_step.new_full(x_step.shape, value, dtype=acc) if isinstance(value, float) else value)
+    return tuple(states)
+
+
+def _set_state(node, final) -> None:
+    for name, value in zip(model_of(node).states, final):
+        setattr(node, name, value)
 
 
 def fused_multi_step(node, x_seq):
-    node.v_float_to_tensor(x_seq[0])
-    spike_seq, node.v, v_seq = lif_multi_step(x_seq, node.v, store_v_seq=node.store_v_seq,
-                                              **node_options(node))
+    check_input(x_seq, (), ())  # before SpikingJelly's x_seq[0], which fails on (0, N) or 0-dim input
+    options = node_options(node)
+    spike_seq, final, v_seq = neuron_multi_step(x_seq, _node_state(node, x_seq[0]), store_v_seq=node.store_v_seq,
+                                                **options)
+    _set_state(node, final)
     if node.store_v_seq:
         node.v_seq = v_seq
     return spike_seq
 
 
 def fused_single_step(node, x):
-    node.v_float_to_tensor(x)
-    spike_seq, node.v, _ = lif_multi_step(x.unsqueeze(0), node.v, **node_options(node))
+    if not hasattr(x, "unsqueeze"):
+        raise TypeError(f"the input of a 'temporal_fusion' node must be a torch.Tensor, got {type(x).__name__}")
+    spike_seq, final, _ = neuron_multi_step(x.unsqueeze(0), _node_state(node, x), **node_options(node))
+    _set_state(node, final)
     return spike_seq[0]
 
 
-def _wrap(cls, name):
+def _unregistered(node):
+    raise RuntimeError(
+        f"{type(node).__name__} is set to backend '{BACKEND}', which sj_temporal_fusion.unregister() "
+        f"removed: call sj_temporal_fusion.register() again, or switch the network with "
+        f"spikingjelly.activation_based.functional.set_backend(net, 'torch')")
+
+
+def _wrap(cls, name, registered: bool):
     original = getattr(cls, name)
     if name == "supported_backends":
         def supported_backends(self):
             found = original.fget(self)
-            return tuple(found) + (BACKEND,) if fusable(self) else found
+            return tuple(found) + (BACKEND,) if registered and fusable(self) else found
         return property(supported_backends)
+    if name == "backend":
+        def set_backend(self, value):
+            original.fset(self, value)
+            if value == BACKEND:
+                self._backend = BACKEND_NAME
+        return property(original.fget, set_backend)
     fused = fused_multi_step if name == "multi_step_forward" else fused_single_step
 
     def step_forward(self, x):
-        return fused(self, x) if self.backend == BACKEND else original(self, x)
+        if self.backend != BACKEND:
+            return original(self, x)
+        return fused(self, x) if registered else _unregistered(self)
     step_forward.__name__ = name
     step_forward.__doc__ = original.__doc__
     return step_forward
@@ -75,25 +131,39 @@ def _check_backend_library(backend: str):
         _saved[base]["check_backend_library"](backend)
 
 
+def _install(registered: bool) -> None:
+    for cls in node_classes():
+        if cls not in _saved:
+            _saved[cls] = {name: cls.__dict__.get(name) for name in _PATCHED}
+        for name in _PATCHED:
+            own = _saved[cls][name]
+            if own is None and name in cls.__dict__:
+                delattr(cls, name)  # our earlier wrapper: wrap what the class inherits again
+            elif own is not None:
+                setattr(cls, name, own)
+        for name in _PATCHED:
+            setattr(cls, name, _wrap(cls, name, registered))
+
+
 def register() -> None:
-    """Add 'temporal_fusion' to the supported backends of the three nodes (idempotent)."""
+    """Offer 'temporal_fusion' on every class a registered model serves (idempotent)."""
+    global _registered
     if base not in _saved:
         _saved[base] = {"check_backend_library": base.check_backend_library}
         base.check_backend_library = _check_backend_library
-    for cls in NODES:
-        if cls in _saved:
-            continue
-        _saved[cls] = {name: cls.__dict__.get(name) for name in _PATCHED}
-        for name in _PATCHED:
-            setattr(cls, name, _wrap(cls, name))
+    _install(True)
+    _registered = True
 
 
 def unregister() -> None:
-    """Restore the nodes as SpikingJelly defines them."""
-    for cls, attributes in _saved.items():
-        for name, original in attributes.items():
-            if original is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
-    _saved.clear()
+    """Stop offering 'temporal_fusion' (idempotent). SpikingJelly's own code runs every other
+    backend; a node still set to this one raises a RuntimeError naming the fix."""
+    global _registered
+    if not _registered:
+        return
+    _install(False)
+    _registered = False
+
+
+def registered() -> bool:
+    return _registered
