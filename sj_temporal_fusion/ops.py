@@ -149,6 +149,17 @@ def _(x, v_true_init, checkpoints, spike, v_seq, v_last, params, model, form):
     return torch.empty((x[0].numel(),), dtype=torch.int32, device=x.device)
 
 
+def summed_param_grads(grad_params: Tensor, mask: int, params: Tensor) -> Optional[Tensor]:
+    """The learnable entries' gradients summed over neurons, zeros for the others (autograd routes
+    each entry back to what the parameter tensor was built from), or None when ``mask`` is 0."""
+    if not mask:
+        return None
+    rows = [i for i in range(params.shape[0]) if mask >> i & 1]
+    total = params.new_zeros(params.shape)
+    total[rows] = grad_params[rows].sum(1).to(params.dtype)
+    return total
+
+
 def _setup_context(ctx, inputs, output):
     x, _, _, params, model, _, backward_form, surrogate_id, surrogate_a, surrogate_b, mask, _, _ = inputs
     ctx.options = (model, backward_form, surrogate_id, surrogate_a, surrogate_b, mask)
@@ -175,13 +186,8 @@ def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_che
     grad_x, grad_v_init, grad_aux_init, grad_params, _ = neuron_backward(
         grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), _present(grad_aux_last), x,
         checkpoints, params, model, form, surrogate_id, surrogate_a, surrogate_b, mask, True, False)
-    grad_params_total = None
-    if mask:  # the learnable entries' gradients, summed over neurons; autograd routes each back
-        rows = [i for i in range(params.shape[0]) if mask >> i & 1]
-        grad_params_total = params.new_zeros(params.shape).index_copy(
-            0, torch.tensor(rows, device=params.device), grad_params[rows].sum(1).to(params.dtype))
     grad_aux = grad_aux_init if grad_aux_init.numel() else None
-    return (grad_x, grad_v_init, grad_aux, grad_params_total) + (None,) * 9
+    return (grad_x, grad_v_init, grad_aux, summed_param_grads(grad_params, mask, params)) + (None,) * 9
 
 
 torch.library.register_autograd("sj_temporal_fusion::neuron_forward", _backward, setup_context=_setup_context)

@@ -86,9 +86,5 @@ def shard_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last
         grad_spike.contiguous(), grad_v_seq, None if carry is None else carry.contiguous(), None, x, checkpoints,
         params, spec.model, spec.backward_form, spec.surrogate_id, spec.surrogate_a, spec.surrogate_b,
         param_grad_mask, want_grad_x, want_a)
-    grad_params_total = None
-    if param_grad_mask:
-        rows = [i for i in range(params.shape[0]) if param_grad_mask >> i & 1]
-        grad_params_total = params.new_zeros(params.shape)
-        grad_params_total[rows] = grad_params[rows].sum(1).to(params.dtype)
-    return (grad_x if want_grad_x else None), grad_v_init, (a_prod if want_a else None), grad_params_total
+    return ((grad_x if want_grad_x else None), grad_v_init, (a_prod if want_a else None),
+            ops.summed_param_grads(grad_params, param_grad_mask, params))
