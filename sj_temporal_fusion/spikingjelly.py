@@ -41,6 +41,9 @@ def node_classes() -> tuple:
     return tuple(cls for model in REGISTRY.values() for cls in model.classes)
 
 
+NODES = node_classes()  # every SpikingJelly class the backend serves
+
+
 def _served_class(node):
     model = model_of(node)
     return next(cls for cls in type(node).__mro__ if cls in model.classes)

@@ -1,108 +1,199 @@
-"""Backend 'temporal_fusion' on SpikingJelly's own nodes against its 'torch' backend: same
-spikes, state, v_seq and gradients, over the option grid, across consecutive calls and
-functional.reset_net, in both step modes, in training and eval; plus a Spiking-ResNet18."""
+"""Backend 'temporal_fusion' on SpikingJelly's own nodes, every class a registered model serves,
+against its 'torch' backend: same spikes, state, v_seq and gradients (learnable parameters
+included), over each model's option grid, across consecutive calls, functional.reset_net and
+detach_net, in both step modes, in training and eval; plus a Spiking-ResNet18. The kernels keep
+the state in fp32 for fp16/bf16 inputs, so there the torch backend runs in fp32 on the same inputs
+and our outputs must equal its results rounded once to the input dtype."""
 import copy
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional, neuron, surrogate
 
-import sj_temporal_fusion  # noqa: F401  (registers the backend)
+import sj_temporal_fusion
+from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.reference import lif_reference
 from sj_temporal_fusion.spikingjelly import node_options
 
-from _grid import (spiking_resnet18, DTYPES, RESETS, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
+from _grid import (spiking_resnet18, DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
                    near_threshold_mismatches)
+from _models import MODELS
 from conftest import STATE_DTYPE
 
-NODES = {"IFNode": neuron.IFNode, "LIFNode": neuron.LIFNode, "ParametricLIFNode": neuron.ParametricLIFNode}
 # SpikingJelly 0.0.0.0.14's torch backward for NonzeroSignLogAbs raises a TypeError (it passes a
 # tuple to its own backward); that surrogate is checked against the reference in test_functional.
 SJ_SURROGATES = [s for s in SURROGATES if s != "NonzeroSignLogAbs"]
 
-GRID = covering(
-    dict(node=list(NODES), v_reset=RESETS, decay_input=[True, False], detach_reset=[False, True],
-         surrogate=SJ_SURROGATES, dtype=DTYPES, store_v_seq=[False, True], training=[True, False],
-         step_mode=["m", "s"], calls=[1, 3]),
-    plus=[dict(node=n, v_reset=r, decay_input=d, detach_reset=False, surrogate="Sigmoid",
-               dtype=torch.float32, store_v_seq=True, training=True, step_mode="m", calls=2)
-          for n in NODES for r in RESETS for d in [True, False]])
+
+def _grid(model):
+    mc = MODELS[model]
+    factors = dict(mc.grid, surrogate=SJ_SURROGATES, dtype=DTYPES, store_v_seq=[False, True],
+                   training=[True, False], step_mode=["m", "s"], calls=[1, 3])
+    cases = [dict(model=model, **c) for c in covering(factors)]
+    return [c for c in cases if not mc.sj_fails(dict(mc.fixed, **c))]
+
+
+GRID = [case for model in REGISTRY for case in _grid(model)]
 
 
 def _make(case, backend):
-    kwargs = dict(v_threshold=0.45, v_reset=case["v_reset"], detach_reset=case["detach_reset"],
-                  surrogate_function=SURROGATES[case["surrogate"]](), step_mode=case["step_mode"],
-                  backend=backend, store_v_seq=case["store_v_seq"])
-    if case["node"] == "LIFNode":
-        kwargs.update(tau=1.6, decay_input=case["decay_input"])
-    elif case["node"] == "ParametricLIFNode":
-        kwargs.update(init_tau=2.5, decay_input=case["decay_input"])
-    node = NODES[case["node"]](**kwargs)
+    mc = MODELS[case["model"]]
+    options = dict(mc.fixed, **{k: case[k] for k in mc.grid})
+    node = mc.make_node(options, surrogate_function=SURROGATES[case["surrogate"]](), step_mode=case["step_mode"],
+                        backend=backend, store_v_seq=case["store_v_seq"])
     node.train(case["training"])
     return node
 
 
-def _run_pair(ours, theirs, x, x_ref, sync_state):
-    """Run both nodes; ``sync_state``: hand our stored state (rounded to the input dtype) to the
-    fp32 reference node wherever a call ends, as the state we keep between calls is rounded.
-    The value is replaced, the reference's own gradient path kept (rounding has derivative 1)."""
-    if ours.step_mode == "m":
-        y, y_ref = ours(x), theirs(x_ref)
-        if sync_state:
-            theirs.v = _with_value(theirs.v, ours.v)
-        return y, y_ref
-    ys, ys_ref = [], []
-    for x_t, x_ref_t in zip(x, x_ref):
-        ys.append(ours(x_t))
-        ys_ref.append(theirs(x_ref_t))
-        assert torch.equal(ours.v, theirs.v.to(x.dtype))
-        if sync_state:
-            theirs.v = _with_value(theirs.v, ours.v)
-    return torch.stack(ys), torch.stack(ys_ref)
+def _states(node):
+    return [getattr(node, name) for name in REGISTRY[node_options(node)["model"]].states]
 
 
-def _with_value(v_ref, v):
-    return v.to(v_ref.dtype).detach() + (v_ref - v_ref.detach())  # exact value, gradient 1
+def _run(node, x):
+    if node.step_mode == "m":
+        return node(x)
+    return torch.stack([node(x_t) for x_t in x])
 
 
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_matches_torch_backend(case):
-    """fp32/fp64: the torch backend in the same dtype, bit for bit in the forward pass. fp16/bf16:
-    the kernels keep an fp32 state, so the torch backend runs in fp32 on the same inputs and we
-    must equal its results rounded once to the input dtype."""
     g = torch.Generator().manual_seed(stable_seed(case))
+    mc = MODELS[case["model"]]
     dtype, acc = case["dtype"], STATE_DTYPE[case["dtype"]]
     ours, theirs = _make(case, "temporal_fusion"), _make(case, "torch")
     grads_on = case["training"]
-    inputs = []
-    loss, loss_ref = 0.0, 0.0
+    inputs, loss, loss_ref = [], 0.0, 0.0
     with torch.set_grad_enabled(grads_on):
         for call in range(case["calls"]):
-            x = (torch.randn(9, 2, 13, generator=g) * 0.9 + 0.35).to(dtype).requires_grad_(grads_on)
+            x = (torch.randn(9, 2, 13, generator=g) * mc.x_scale + mc.x_shift).to(dtype).requires_grad_(grads_on)
             x_ref = x.detach().to(acc).requires_grad_(grads_on)
             inputs.append((x, x_ref))
-            if acc != dtype and isinstance(theirs.v, float):  # our initial state is v_reset in x's dtype
-                theirs.v = torch.full(x.shape[1:], theirs.v, dtype=dtype).to(acc)
-            y, y_ref = _run_pair(ours, theirs, x, x_ref, sync_state=acc != dtype)
-            assert y.dtype == ours.v.dtype == dtype
+            y, y_ref = _run(ours, x), _run(theirs, x_ref)
+            assert y.dtype == dtype
             assert torch.equal(y.to(acc), y_ref), f"spikes differ in call {call}"
-            assert torch.equal(ours.v, theirs.v.to(dtype)), f"v differs after call {call}"
+            for name, a, b in zip(REGISTRY[case["model"]].states, _states(ours), _states(theirs)):
+                assert a.dtype == acc, f"{name} is not kept in the state dtype"
+                if mc.exact:
+                    assert torch.equal(a, b), f"{name} differs after call {call}"
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             if case["store_v_seq"] and case["step_mode"] == "m":
-                assert torch.equal(ours.v_seq, theirs.v_seq.to(dtype))
+                torch.testing.assert_close(ours.v_seq, theirs.v_seq.to(dtype), rtol=0 if mc.exact else 1e-2,
+                                           atol=0 if mc.exact else 1e-5)
             gy = torch.randn(y.shape, generator=g).to(dtype).to(acc)
             loss = loss + (y.to(acc) * gy).sum()
             loss_ref = loss_ref + (y_ref * gy).sum()
         if not grads_on:
             return
-        loss = loss + ours.v.to(acc).square().sum()
-        loss_ref = loss_ref + theirs.v.square().sum()
+        loss = loss + sum(s.to(acc).square().sum() for s in _states(ours))
+        loss_ref = loss_ref + sum(s.square().sum() for s in _states(theirs))
     params = [p[0] for p in inputs] + list(ours.parameters())
     params_ref = [p[1] for p in inputs] + list(theirs.parameters())
-    for a, b, name in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params_ref),
-                          [f"x{i}" for i in range(len(inputs))] + ["w"]):
-        # w is an fp32 parameter: its gradient is accumulated in fp32 whatever the input dtype
-        assert_grad_close(a, b, torch.float32 if name == "w" and dtype == torch.float64 else dtype, f"grad {name}")
+    names = [f"x{i}" for i in range(len(inputs))] + [n for n, _ in ours.named_parameters()]
+    # SpikingJelly's LogTailedReLU rounds alpha through fp32 even for fp64 tensors (test_reference)
+    sj_fp32 = case["surrogate"] == "LogTailedReLU"
+    for a, b, name in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params_ref), names):
+        # learnable parameters are fp32: their gradients are accumulated in fp32 whatever the input dtype
+        fp32 = dtype == torch.float64 and (sj_fp32 or not name.startswith("x"))
+        assert_grad_close(a, b, torch.float32 if fp32 else dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("model", list(REGISTRY))
+def test_truncated_bptt_with_detach_net(model):
+    """functional.detach_net between chunks (truncated BPTT, online training): the node's state is
+    a fresh tensor, not a view, so it detaches in place, and gradients equal the torch backend's."""
+    mc = MODELS[model]
+    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
+    g = torch.Generator().manual_seed(4)
+    chunks = [(torch.randn(6, 3, 10, generator=g) * mc.x_scale + mc.x_shift).requires_grad_() for _ in range(3)]
+    grads = []
+    for backend in ("torch", "temporal_fusion"):
+        node = mc.make_node(options, step_mode="m", backend=backend)
+        xs = [c.detach().clone().requires_grad_() for c in chunks]
+        for x in xs:
+            (node(x).sum() + node.v.sum()).backward()
+            functional.detach_net(node)
+        grads.append([x.grad for x in xs] + [p.grad for p in node.parameters()])
+    for a, b in zip(*grads):
+        assert_grad_close(a, b, torch.float32, "grad")
+
+
+def test_learnable_threshold_gets_its_gradient():
+    """A v_threshold the user made an nn.Parameter is differentiated, as by the torch backend."""
+    grads = []
+    for backend in ("torch", "temporal_fusion"):
+        node = neuron.LIFNode(tau=1.5, step_mode="m", backend=backend)
+        node.v_threshold = torch.nn.Parameter(torch.tensor(0.6))
+        x = torch.rand(7, 5, 11, generator=torch.Generator().manual_seed(1))
+        node(x).sum().backward()
+        grads.append(node.v_threshold.grad)
+    assert grads[1] is not None and grads[1] != 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_channel_threshold_is_a_clear_error():
+    node = neuron.LIFNode(step_mode="m", backend="temporal_fusion")
+    node.v_threshold = torch.nn.Parameter(torch.ones(5))
+    with pytest.raises(ValueError, match="v_threshold is a tensor of shape .5.*backend='torch'"):
+        node(torch.rand(3, 5))
+
+
+@pytest.mark.parametrize("step_mode, shape, match", [
+    ("m", (0, 4), "T >= 1"), ("m", (), r"shape \(T, \*\)")])
+def test_bad_node_input_is_a_clear_error(step_mode, shape, match):
+    node = neuron.LIFNode(step_mode=step_mode, backend="temporal_fusion")
+    with pytest.raises(ValueError, match=match):
+        node(torch.rand(shape))
+
+
+def test_register_and_unregister_are_symmetric():
+    node = neuron.LIFNode(step_mode="s", backend="temporal_fusion")
+    x = torch.rand(2, 3)
+    try:
+        sj_temporal_fusion.unregister()
+        sj_temporal_fusion.unregister()  # idempotent
+        assert not sj_temporal_fusion.registered()
+        assert "temporal_fusion" not in neuron.LIFNode(step_mode="m").supported_backends
+        for mode in ("s", "m"):
+            node.step_mode = mode
+            for training in (True, False):  # SpikingJelly's eval path would otherwise ignore the backend
+                node.train(training)
+                with pytest.raises(RuntimeError, match="register"):
+                    node(x if mode == "s" else x.unsqueeze(0))
+    finally:
+        sj_temporal_fusion.register()
+    assert sj_temporal_fusion.registered()
+    node.step_mode = "s"
+    assert node(x).shape == x.shape
+    functional.set_backend(node, "torch")
+    assert node(x).shape == x.shape
+
+
+def test_whole_model_loads_in_a_fresh_process(tmp_path):
+    """A pickled model that uses the backend names this package, so unpickling imports (and so
+    registers) it: loading works in a process that never imported sj_temporal_fusion."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), neuron.LIFNode(step_mode="m", backend="temporal_fusion"))
+    assert pickle.loads(pickle.dumps(net))[1].backend == "temporal_fusion"
+    path = tmp_path / "net.pt"
+    torch.save(net, path)
+    code = (f"import torch, sys; net = torch.load({str(path)!r}, weights_only=False); "
+            f"y = net(torch.rand(3, 2, 4)); assert 'sj_temporal_fusion' in sys.modules; print(net[1].backend)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "temporal_fusion"
+
+
+def test_every_neuron_class_switches_with_set_backend():
+    nodes = [cls(step_mode="m") for model in REGISTRY.values() for cls in model.classes]
+    assert {type(n).__name__ for n in nodes} == {"IFNode", "LIFNode", "ParametricLIFNode", "QIFNode", "EIFNode",
+                                                 "IzhikevichNode", "KLIFNode"}
+    net = torch.nn.Sequential(*nodes)
+    functional.set_backend(net, "temporal_fusion")
+    assert all(n.backend == "temporal_fusion" for n in nodes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -132,12 +223,12 @@ def test_half_precision_error_is_no_worse_than_torch_backend(dtype):
 
 
 def test_reset_net_and_state_shape_error():
-    node = neuron.LIFNode(step_mode="m", backend="temporal_fusion")
+    node = neuron.IzhikevichNode(step_mode="m", backend="temporal_fusion", w_rest=0.1)
     node(torch.rand(4, 3, 5))
     with pytest.raises(ValueError, match="reset_net"):
         node(torch.rand(4, 3, 6))
     functional.reset_net(node)
-    assert node.v == 0.0
+    assert node.v == 0.0 and node.w == 0.1
     assert node(torch.rand(4, 3, 6)).shape == (4, 3, 6)
 
 
@@ -157,8 +248,11 @@ def test_node_options_carry_every_setting():
     node = neuron.ParametricLIFNode(init_tau=3.0, decay_input=False, v_threshold=0.7, v_reset=None,
                                     detach_reset=True, surrogate_function=surrogate.ATan(alpha=3.0))
     opts = node_options(node)
-    assert opts["kind"] == "plif" and opts["w"] is node.w and opts["decay_input"] is False
-    assert opts["v_threshold"] == 0.7 and opts["v_reset"] is None and opts["detach_reset"] is True
+    assert opts["model"] == "lif" and opts["kind"] == "plif" and opts["w"] is node.w
+    assert opts["decay_input"] is False and opts["v_threshold"] == 0.7 and opts["v_reset"] is None
+    assert opts["detach_reset"] is True and isinstance(opts["surrogate_function"], surrogate.ATan)
+    izh = node_options(neuron.IzhikevichNode(tau_w=5.0, a=0.2, b=0.3, w_rest=0.1))
+    assert (izh["model"], izh["tau_w"], izh["a"], izh["b"], izh["w_rest"]) == ("izhikevich", 5.0, 0.2, 0.3, 0.1)
 
 
 def test_spiking_resnet18_matches_torch_backend():
