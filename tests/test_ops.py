@@ -1,48 +1,65 @@
-"""The torch.library layer: opcheck on every op, torch.compile without graph breaks, and proof
-that the fused kernels (not a fallback) run inside a real network."""
+"""The torch.library layer: opcheck on every op of every model, torch.compile without graph breaks,
+and proof that the fused kernels (not a fallback) run inside a real network."""
 import pytest
 import torch
 from spikingjelly.activation_based import neuron
 
 import sj_temporal_fusion
 from sj_temporal_fusion import ops
-from sj_temporal_fusion.functional import lif_multi_step
+from sj_temporal_fusion.functional import lif_multi_step, parameter_tensor
+from sj_temporal_fusion.neurons import REGISTRY
+from sj_temporal_fusion.surrogate import DEFAULT_ID
 
 from _grid import spiking_resnet18
+from _models import MODELS
 
 
-def _forward_args(kind=ops.Kind.LIF, dtype=torch.float32, T=19, N=70, store_v_seq=True, save=True, plif_k=None):
-    x = torch.randn(T, N, dtype=dtype, requires_grad=True)
-    v0 = torch.zeros(N, dtype=dtype, requires_grad=True)
-    return (x, v0, plif_k, 1.5, 1 - 1 / 1.5, 0.4, 0.0, int(kind), True, True, False, 2, 4.0, 0.0,
-            store_v_seq, save)
+def _forward_args(model, dtype=torch.float32, T=19, N=(7, 10), store_v_seq=True, save=True, learnable=True):
+    m, mc = REGISTRY[model], MODELS[model]
+    o = dict(m.defaults, **mc.fixed, **{k: v[-1] for k, v in mc.grid.items()})
+    o.update(mc.learnable(o))
+    acc = ops.state_dtype(dtype)
+    params, mask = parameter_tensor(m.param_values(o), acc, torch.device("cpu"))
+    params = params.detach().requires_grad_(learnable)
+    x = (torch.randn(T, *N, dtype=dtype) * mc.x_scale + mc.x_shift).requires_grad_()
+    v0 = torch.zeros(N, dtype=acc, requires_grad=True)
+    aux = torch.zeros(N, dtype=acc, requires_grad=True) if m.num_states == 2 else torch.empty(0, dtype=acc)
+    return (x, v0, aux, params, model, m.forward_form(o), m.form(o), DEFAULT_ID, 4.0, 0.0,
+            mask if learnable else 0, store_v_seq, save)
 
 
-@pytest.mark.parametrize("kind", list(ops.Kind))
+@pytest.mark.parametrize("model", list(REGISTRY))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("store_v_seq", [False, True])
-def test_opcheck_lif_forward(kind, dtype, store_v_seq):
-    k = torch.tensor([0.4, 0.6], dtype=ops.state_dtype(dtype), requires_grad=True) if kind == ops.Kind.PLIF else None
-    torch.library.opcheck(ops.lif_forward, _forward_args(kind, dtype, store_v_seq=store_v_seq, plif_k=k))
+def test_opcheck_neuron_forward(model, dtype, store_v_seq):
+    torch.library.opcheck(ops.neuron_forward, _forward_args(model, dtype, store_v_seq=store_v_seq))
 
 
-def test_opcheck_lif_forward_inference():
-    x, v0, *rest = _forward_args(save=False)
-    torch.library.opcheck(ops.lif_forward, (x.detach(), v0.detach(), *rest))
+def test_opcheck_neuron_forward_inference():
+    x, v0, aux, params, *rest = _forward_args("lif", save=False, learnable=False)
+    torch.library.opcheck(ops.neuron_forward, (x.detach(), v0.detach(), aux, params, *rest))
 
 
-@pytest.mark.parametrize("with_v_grads", [False, True])
-def test_opcheck_lif_backward(with_v_grads):
-    args = _forward_args()
-    spike, v_last, v_seq, checkpoints = ops.lif_forward(*args)
-    x = args[0].detach()
-    grad_spike = torch.randn_like(x)
-    grad_v_seq = torch.randn_like(x) if with_v_grads else None
-    grad_v_last = torch.randn(x.shape[1]) if with_v_grads else None
-    k = torch.tensor([0.4, 0.6])
-    torch.library.opcheck(ops.lif_backward, (grad_spike, grad_v_seq, grad_v_last, x, checkpoints, k, 1.5,
-                                             1 - 1 / 1.5, 0.4, 0.0, int(ops.Kind.PLIF), True, True, False,
-                                             2, 4.0, 0.0, True))
+@pytest.mark.parametrize("model", list(REGISTRY))
+@pytest.mark.parametrize("with_state_grads", [False, True])
+def test_opcheck_neuron_backward(model, with_state_grads):
+    args = _forward_args(model)
+    spike, v_last, aux_last, v_seq, checkpoints = ops.neuron_forward(*args)
+    x, params = args[0].detach(), args[3].detach()
+    g = lambda t: torch.randn_like(t) if with_state_grads and t.numel() else None
+    torch.library.opcheck(ops.neuron_backward, (
+        torch.randn_like(x), g(v_seq), g(v_last), g(aux_last), x, checkpoints, params, model, args[6], DEFAULT_ID,
+        4.0, 0.0, (1 << params.shape[0]) - 1, True, REGISTRY[model].shardable))
+
+
+@pytest.mark.parametrize("model", [name for name, m in REGISTRY.items() if m.shardable])
+def test_opcheck_neuron_fixup(model):
+    x, v0, aux, params, _, form, *_ = _forward_args(model, learnable=False)
+    x = x.detach().reshape(x.shape[0], -1)
+    spike, v_last, _, v_seq, checkpoints = ops.neuron_forward(
+        x, v0.detach().reshape(-1), aux, params, model, form, form, DEFAULT_ID, 4.0, 0.0, 0, True, True)
+    torch.library.opcheck(ops.neuron_fixup, (x, torch.full_like(v_last, 0.3), checkpoints, spike, v_seq, v_last,
+                                            params, model, form))
 
 
 def test_torch_compile_fullgraph():
@@ -67,24 +84,24 @@ def test_torch_compile_fullgraph():
 def test_fused_kernels_run_in_a_network(monkeypatch):
     """Count launches: one fused forward and one fused backward per LIF layer, per call; and
     SpikingJelly's own per-step dynamics never run (no silent fallback to the torch backend)."""
-    launches = {"lif_forward": 0, "lif_backward": 0}
-    original = ops._launch
+    launches = {"neuron_forward": 0, "neuron_backward": 0}
+    original = ops.launch
 
-    def counting(kernel, x, surrogate_id, args):
-        launches[kernel] += 1
-        return original(kernel, x, surrogate_id, args)
+    def counting(expression, x, args):
+        launches[expression.split("<")[0]] += 1
+        return original(expression, x, args)
 
     def no_fallback(self, *args):
         raise AssertionError("SpikingJelly's own neuronal_charge ran: the fused path was bypassed")
 
-    monkeypatch.setattr(ops, "_launch", counting)
+    monkeypatch.setattr(ops, "launch", counting)
     monkeypatch.setattr(neuron.LIFNode, "neuronal_charge", no_fallback)
     net = spiking_resnet18("temporal_fusion")
     n_nodes = sum(isinstance(m, neuron.LIFNode) for m in net.modules())
     assert n_nodes == 17
     x = torch.rand(3, 2, 3, 32, 32)
     net(x).mean().backward()
-    assert launches == {"lif_forward": n_nodes, "lif_backward": n_nodes}
+    assert launches == {"neuron_forward": n_nodes, "neuron_backward": n_nodes}
 
 
 def test_import_registers_and_unregister_restores():
@@ -92,11 +109,9 @@ def test_import_registers_and_unregister_restores():
     assert "temporal_fusion" in node.supported_backends
     sj_temporal_fusion.register()  # idempotent
     assert node.supported_backends.count("temporal_fusion") == 1
-    original_forward = neuron.LIFNode.multi_step_forward
     sj_temporal_fusion.unregister()
     try:
         assert "temporal_fusion" not in node.supported_backends
-        assert neuron.LIFNode.multi_step_forward is not original_forward
         with pytest.raises(NotImplementedError):
             neuron.LIFNode(backend="temporal_fusion", step_mode="m")
     finally:
