@@ -5,9 +5,10 @@ LIFNode and ParametricLIFNode (idempotent); ``unregister()`` removes it.
 """
 from . import ops
 from .functional import lif_multi_step
+from .optimize import optimize
 from .spikingjelly import BACKEND, register, unregister
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND", "lif_multi_step", "ops", "register", "unregister"]
+__all__ = ["BACKEND", "lif_multi_step", "ops", "optimize", "register", "unregister"]
 
 register()
