@@ -149,10 +149,12 @@ class PackedSpikes:
     def __init__(self, t: Tensor, order: tuple[int, ...]):
         self.shape, self.stride, self.dtype, self.numel = t.shape, t.stride(), t.dtype, t.numel()
         # t.permute(order) is contiguous: its flat index is the element's offset in memory.
-        self.bits = pack_bits(t.permute(order).reshape(-1).ne(0))
+        with torch.profiler.record_function("sj_temporal_fusion::spike_bits_pack"):
+            self.bits = pack_bits(t.permute(order).reshape(-1).ne(0))
 
     def unpack(self) -> Tensor:
-        values = unpack_bits(self.bits, self.numel).to(self.dtype)
+        with torch.profiler.record_function("sj_temporal_fusion::spike_bits_unpack"):
+            values = unpack_bits(self.bits, self.numel).to(self.dtype)
         return values.as_strided(self.shape, self.stride)
 
 
