@@ -127,9 +127,7 @@ def pack_bits(flat_bool: Tensor) -> Tensor:
     if flat_bool.device.type == "cpu":
         import numpy as np
         return torch.from_numpy(np.packbits(flat_bool.numpy(), bitorder="little"))
-    n = flat_bool.numel()
-    padded = torch.nn.functional.pad(flat_bool.view(torch.uint8), (0, (-n) % 8))
-    return (padded.view(-1, 8) << _shifts(flat_bool.device)).sum(1, dtype=torch.uint8)
+    return pack_bits_torch(flat_bool)
 
 
 def unpack_bits(bits: Tensor, n: int) -> Tensor:
@@ -137,6 +135,18 @@ def unpack_bits(bits: Tensor, n: int) -> Tensor:
     if bits.device.type == "cpu":
         import numpy as np
         return torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little", count=n))
+    return unpack_bits_torch(bits, n)
+
+
+def pack_bits_torch(flat_bool: Tensor) -> Tensor:
+    """:func:`pack_bits` in torch ops (the CUDA path; tested on the CPU against NumPy's)."""
+    n = flat_bool.numel()
+    padded = torch.nn.functional.pad(flat_bool.view(torch.uint8), (0, (-n) % 8))
+    # Distinct powers of two: the uint8 sum is an OR, at most 255.
+    return (padded.view(-1, 8) << _shifts(flat_bool.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits_torch(bits: Tensor, n: int) -> Tensor:
     return ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).view(-1)[:n]
 
 
