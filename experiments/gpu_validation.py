@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds per stage on one H100 (sum 450 s + start-up, inside the 8-minute target).
-BUDGETS = {"doctor": 45, "pytest_gpu": 90, "bench_lif": 170, "bench_memory": 40, "bench_net": 60, "ncu": 45}
+# Seconds per stage on one H100 (sum 465 s, inside the 8-minute target). pytest -m gpu includes
+# the cupy column of the tiny Table 1 runs (its fixture trains the CPU backends too); bench lif
+# has 168 cases (7 T x 3 dtypes x 2 modes x 4 methods) at <= 0.5 s of timing each.
+BUDGETS = {"doctor": 30, "pytest_gpu": 120, "bench_lif": 150, "bench_memory": 60, "bench_net": 60, "ncu": 45}
 CPU_SMOKE_BUDGETS = {"doctor": 120, "pytest_gpu": 60, "bench_lif": 120, "bench_memory": 120, "bench_net": 180,
                      "ncu": 60}
 NCU_METRICS = ("dram__throughput.avg.pct_of_peak_sustained_elapsed",
