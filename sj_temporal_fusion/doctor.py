@@ -144,6 +144,11 @@ def environment_checks(info: dict, gpus: list[dict]) -> list[Check]:
                             f"'sj-temporal-fusion[cuda{torch_major}]'   (= cupy-cuda{torch_major}x)"))
     elif info["cupy"] and torch_major:
         checks.append(Check("CuPy's CUDA matches torch's", OK, f"CUDA {torch_major}"))
+    if info.get("cupy_error"):
+        checks.append(Check("CuPy importable", FAIL if gpus else WARN, info["cupy_error"],
+                            "CuPy is installed but fails to import or to reach the CUDA runtime",
+                            f"reinstall the CuPy wheel of torch's CUDA: pip install --force-reinstall "
+                            f"cupy-cuda{torch_major or 13}x" + ("" if gpus else "; only GPU runs need it")))
     if info["cupy"]:
         if info["nvrtc_error"]:
             checks.append(Check("NVRTC loadable", FAIL if gpus else WARN, info["nvrtc_error"],
@@ -332,9 +337,12 @@ def gpus() -> list[dict]:
 
 
 def builds(info: dict, gpu_list: list[dict]) -> dict:
-    from . import _host
-    cpu = (f"host build: {info['host_compiler_version'] or info['host_compiler'] + ' (NOT FOUND)'} with "
-           f"OpenMP, cached in {_host.cache_dir()}")
+    try:
+        from . import _host
+        cache = f", cached in {_host.cache_dir()}"
+    except (ImportError, AttributeError):  # the build module's layout is not the doctor's business
+        cache = ""
+    cpu = f"host build: {info['host_compiler_version'] or info['host_compiler'] + ' (NOT FOUND)'} with OpenMP{cache}"
     out = {"cpu": cpu}
     for gpu in gpu_list:
         major, minor = gpu["capability"]
