@@ -228,6 +228,12 @@ def _finish(config: dict, where: str) -> dict:
     if config["dtype"] == "float64" and config["amp"] != "off":
         raise ConfigError(f"{where}: amp {config['amp']} lowers the precision that dtype float64 "
                           f"asks for; use amp: off with float64")
+    if config["backend"] == "cupy" and (config["dtype"] == "float64" or config["amp"] == "bf16"):
+        what = "dtype float64" if config["dtype"] == "float64" else "amp bf16"
+        raise ConfigError(f"{where}: backend cupy with {what}: SpikingJelly 0.0.0.0.14's cupy LIFNode has "
+                          f"kernels for float32 and float16 only and would fail mid-epoch "
+                          f"(NotImplementedError on the first batch); use amp off or fp16 with cupy, or "
+                          f"backend temporal_fusion / torch for {what}")
     if config["dataset"] == "synthetic" and config["synthetic_like"] is None:
         raise ConfigError(f"{where}: dataset synthetic needs synthetic_like: the dataset whose "
                           f"shape the random data copies, e.g. synthetic_like: cifar10")

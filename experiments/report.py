@@ -112,6 +112,11 @@ def build(runs: list[dict], paper: Optional[dict] = None) -> Table:
     if any(r["synthetic"] for r in runs):
         table.notes.append("synthetic columns: random inputs and labels; their accuracy is chance "
                            "by construction and is not shown, their times are real")
+    if "cupy" in table.backends:
+        table.notes.append("SpikingJelly (cupy) T_test: its LIF nodes are timed in train mode under "
+                           "no_grad (BatchNorm in eval mode), because SpikingJelly 0.0.0.0.14's eval mode "
+                           "runs its TorchScript loop whatever the backend (experiments/train.py "
+                           "_test_mode); SpikingJelly (torch) T_test is that TorchScript eval loop")
     return table
 
 

@@ -3,16 +3,12 @@ peak memory, and the versions and hardware a result must carry to be compared.""
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -106,56 +102,32 @@ def peak_memory(device: torch.device) -> dict:
             "kind": "peak resident set size of the process (ru_maxrss)"}
 
 
-def _version(package: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(runtime: Runtime) -> dict:
-    """Versions, commit and hardware of this run."""
+    """Versions, commit and hardware of this run (``sj_temporal_fusion.environment`` collects
+    them; the layout is the one metrics.json has always had)."""
     import sj_temporal_fusion
+    from sj_temporal_fusion import environment as shared_env
 
-    cupy_version = _version("cupy-cuda13x") or _version("cupy-cuda12x") or _version("cupy")
+    common = shared_env.collect(runtime.device)
+    v = common["versions"]
     device = {"type": runtime.device.type, "world_size": runtime.world,
-              "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+              "cpu": common["cpu"], "cpu_count": common["cpu_count"], "torch_threads": common["torch_threads"]}
     if runtime.device.type == "cuda":
-        props = torch.cuda.get_device_properties(runtime.device)
-        device.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                      memory_bytes=props.total_memory, count=torch.cuda.device_count())
+        gpu = common["gpu"]
+        device.update(name=gpu["name"], capability=gpu["capability"], memory_bytes=gpu["memory_bytes"],
+                      count=torch.cuda.device_count())
     else:
         device["name"] = device["cpu"]
-    commit = _git("rev-parse", "HEAD")
     return {
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "spikingjelly": _version("spikingjelly"), "sj_temporal_fusion": sj_temporal_fusion.__version__,
-            "torchvision": _version("torchvision"), "cupy": cupy_version,
-            "numpy": _version("numpy"), "cuda": torch.version.cuda,
+            "python": v["python"], "torch": torch.__version__,
+            "spikingjelly": v["spikingjelly"], "sj_temporal_fusion": sj_temporal_fusion.__version__,
+            "torchvision": v["torchvision"], "cupy": v["cupy-cuda13x"] or v["cupy-cuda12x"] or v["cupy"],
+            "numpy": v["numpy"], "cuda": common["cuda"],
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         },
-        "git": {"commit": commit, "dirty": bool(_git("status", "--porcelain")) if commit else None},
+        "git": common["git"],
         "device": device,
-        "platform": platform.platform(),
+        "platform": common["platform"],
         "command": [Path(sys.argv[0]).name] + sys.argv[1:],
     }

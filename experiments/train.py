@@ -11,6 +11,7 @@ drew the Poisson spikes on the CPU inside its timed loop; here they are drawn on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from sj_temporal_fusion.compat import numpy_int_alias
 
 from experiments import config as configs
 from experiments import data, model as models, runtime as rt
@@ -116,8 +119,12 @@ def run(config: dict, out: Path, runtime: rt.Runtime, progress: bool = True) -> 
                                   f"divisible by the {runtime.world} processes")
     out.mkdir(parents=True, exist_ok=True)
     log = _logger(out, runtime)
+    # SpikingJelly 0.0.0.0.14's cupy backend uses np.int, removed in NumPy 1.24: the alias exists
+    # only while a cupy run runs (sj_temporal_fusion.compat).
+    shim = numpy_int_alias() if config["backend"] == "cupy" else contextlib.nullcontext()
     try:
-        return _run(config, out, runtime, progress, log)
+        with shim:
+            return _run(config, out, runtime, progress, log)
     finally:
         for handler in list(log.handlers):
             handler.close()
@@ -214,10 +221,24 @@ def _warmup(net, config, spec, runtime) -> float:
             loss = copy(x).float().mean()
         loss.backward()
         functional.reset_net(copy)
-    with torch.no_grad(), _autocast(config, runtime):
-        copy.eval()(x)
-    functional.reset_net(copy)
+    _test_mode(copy, config)
+    for _ in range(config["warmup_batches"]):  # the eval path is TorchScript too: warm it the same
+        with torch.no_grad(), _autocast(config, runtime):
+            copy(x)
+        functional.reset_net(copy)
     return runtime.clock() - start
+
+
+def _test_mode(net, config) -> None:
+    """net.eval(); with backend cupy the LIF nodes stay in train mode (the test runs under
+    no_grad, and a LIF node's mode only picks its code path): SpikingJelly 0.0.0.0.14's eval mode
+    runs its TorchScript loop whatever the backend, so the cupy column would time TorchScript."""
+    net.eval()
+    if config["backend"] == "cupy":
+        from spikingjelly.activation_based import neuron
+        for m in net.modules():
+            if isinstance(m, neuron.LIFNode):
+                m.train()
 
 
 def _repeat(net, config, seed, loaders, samplers, encoder, runtime, log, progress) -> dict:
@@ -306,7 +327,7 @@ def _train_epoch(model, optimizer, scaler, loader, sampler, encoder, config, run
 def _test_epoch(net, loader, sampler, encoder, config, runtime, progress, epoch) -> dict:
     # The bare network, not the DDP wrapper: testing needs no collectives, and the processes may
     # hold one test batch more or less.
-    net.eval()
+    _test_mode(net, config)
     count, bar = _batches(loader, config, runtime, f"epoch {epoch} test", progress)
     data_s = compute_s = 0.0
     correct = samples = 0

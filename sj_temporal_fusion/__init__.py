@@ -7,9 +7,11 @@ ParametricLIFNode, QIFNode, EIFNode, IzhikevichNode, KLIFNode); ``unregister()``
 """
 from . import ops
 from .functional import lif_multi_step, neuron_multi_step
+from .optimize import optimize
 from .spikingjelly import BACKEND, register, registered, unregister
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND", "lif_multi_step", "neuron_multi_step", "ops", "register", "registered", "unregister"]
+__all__ = ["BACKEND", "lif_multi_step", "neuron_multi_step", "ops", "optimize", "register", "registered",
+           "unregister"]
 
 register()

@@ -126,3 +126,46 @@ def test_tune_swaps_the_launch_shape_and_puts_it_back():
     with tune.launch_shape(torch.device("cpu"), 1, 8):
         assert "-DLIF_LANES=8" in _host.FLAGS and _host.LANES == 8
     assert (_host.FLAGS, _host.LANES) == (flags, lanes)
+
+
+def test_a_failing_case_is_an_error_row_and_rows_are_written_as_they_finish(tmp_path, monkeypatch):
+    """A case that raises (here: the launch error bench tune used to hit) becomes an error row,
+    the other cases still run, and the JSON on disk holds every finished row even when the run is
+    cut off before its end."""
+    def broken(case, x, grad):
+        def step():
+            raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested\nmore")
+        return step
+    monkeypatch.setitem(lif.SETUPS, "serial", broken)
+    real_copy, calls = harness.copy_bandwidth, []
+
+    def copy_then_cut_off(device, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the copy bandwidth after the last case: the run is cut off here
+            raise KeyboardInterrupt
+        return real_copy(device, nbytes=1 << 20, reps=3)
+    monkeypatch.setattr(harness, "copy_bandwidth", copy_then_cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        main(["lif", "--device", "cpu", "--neurons", "64", "--T", "2,3", "--dtypes", "fp32", "--modes", "infer",
+              "--methods", "temporal_fusion,serial", "--reps", "3", "--warmup", "1", "--max-seconds", "0.1",
+              "--no-flush", "--out", str(tmp_path), "--quiet", "--no-plots"])
+    data = json.loads((tmp_path / "lif-cpu.json").read_text())
+    assert data["complete"] is False
+    rows = {(r["method"], r["T"]): r for r in data["results"]}
+    assert len(rows) == 4
+    for T in (2, 3):
+        assert rows["temporal_fusion", T]["status"] == "ok"
+        assert rows["serial", T]["status"] == "error"
+        assert rows["serial", T]["reason"] == "RuntimeError: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested"
+    with open(tmp_path / "lif-cpu.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_timing_reports_wall_time_and_flush_reads():
+    device = torch.device("cpu")
+    flush = harness.CacheFlusher(device)
+    before = flush.buffer.clone()
+    t = harness.time_fn(lambda: torch.ones(1000).sum(), device, warmup=1, reps=4, max_seconds=10, flush=flush)
+    assert len(t.samples_ms) == len(t.wall_samples_ms) == 4
+    assert t.summary()["wall_median_ms"] > 0
+    assert torch.equal(flush.buffer, before)  # read, not written

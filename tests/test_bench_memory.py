@@ -54,3 +54,16 @@ def test_resnet_neurons_really_switch_backend():
     assert backends == {"temporal_fusion"}
     with pytest.raises(lif.Skip):
         memory.setup_resnet18("serial", torch.device("cpu"), torch.float32, 2, 1, 16)
+
+
+def test_a_failing_case_is_an_error_row(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cupy backend exploded")
+    monkeypatch.setattr(memory, "setup_resnet18", broken)
+    payload = main(["memory", "--device", "cpu", "--models", "lif,resnet18", "--methods", "temporal_fusion",
+                    "--T", "4", "--neurons", "512", "--out", str(tmp_path), "--quiet", "--no-plots"])
+    data = json.loads((tmp_path / "memory-cpu.json").read_text())
+    assert data["complete"] is True and data["results"] == json.loads(json.dumps(payload["results"]))
+    rows = {r["model"]: r for r in data["results"]}
+    assert rows["lif"]["status"] == "ok" and rows["lif"]["peak_bytes"] > 0
+    assert rows["resnet18"] == {**rows["resnet18"], "status": "error", "reason": "RuntimeError: cupy backend exploded"}

@@ -1,4 +1,4 @@
-"""GPU build. CI (no GPU) compiles every kernel variant with NVRTC exactly as _cuda.py does; the
+"""GPU build. CI (no GPU) compiles every kernel variant through CuPy's RawModule path as _cuda.py does; the
 tests marked gpu run the kernels on a CUDA device against the host build, SpikingJelly's cupy
 backend and PyTorch's stream semantics (skipped, saying why, where there is no CUDA device)."""
 import pytest
@@ -6,7 +6,8 @@ import torch
 from spikingjelly.activation_based import neuron, surrogate
 
 import sj_temporal_fusion  # noqa: F401
-from sj_temporal_fusion import _cuda, ops
+from sj_temporal_fusion import _cuda, _sass, ops
+from sj_temporal_fusion.compat import numpy_int_alias
 from sj_temporal_fusion.functional import lif_multi_step
 
 from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
@@ -21,25 +22,31 @@ def _nvrtc():
     return nvrtc
 
 
-def test_nvrtc_compiles_every_variant():
-    """All 60 variants in one NVRTC program for Hopper (about a minute on 2 cores: the backward's
-    16-step chunk is unrolled into registers). At run time each variant compiles alone, for the
-    device's own architecture, and is cached."""
-    nvrtc = _nvrtc()
-    arch = "compute_90"
+def test_cupy_rawmodule_path_compiles_every_variant():
+    """Every variant compiled as ``cupy.RawModule`` compiles it on a GPU (CuPy's include and
+    ``-ftz=true`` options, ``--device-as-default-execution-space``, NVRTC straight to sm_XY
+    cubin), for sm_80 and sm_90; only the device query that picks the architecture is replaced
+    (``_sass``). About two minutes on 2 cores (the backward's unrolled chunk); the compile is
+    shared with tests/test_sass.py. At run time each variant compiles alone, for the device's
+    own architecture, and is cached."""
+    _nvrtc()
     names = _cuda.all_name_expressions()
     assert len(names) >= 4 + 4 * 14
-    prog = nvrtc.createProgram(_cuda.source(), "lif.cu", [], [])
-    for name in names:
-        nvrtc.addNameExpression(prog, name)
-    try:
-        nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + [f"--gpu-architecture={arch}"])
-    except nvrtc.NVRTCError as exc:
-        pytest.fail(f"NVRTC failed: {exc}\n{nvrtc.getProgramLog(prog)}")
-    for name in names:
-        assert nvrtc.getLoweredName(prog, name).startswith("_Z")
-    ptx = nvrtc.getPTX(prog).decode()
-    assert ".entry" in ptx
+    per_arch = _sass.package_resources(_sass.ARCHS)
+    for arch, rows in per_arch.items():
+        assert [r.name for r in rows] == names, f"sm_{arch}"
+        assert all(r.mangled.startswith("_Z") for r in rows)
+
+
+def test_cupy_rawmodule_options_and_cubin():
+    """The options are the launcher's plus CuPy's, and the result is sm_90 machine code (ELF)."""
+    _nvrtc()
+    options = _sass.cupy_options(_cuda.OPTIONS)
+    assert set(_cuda.OPTIONS) <= set(options) and "-ftz=true" in options
+    assert any(o.startswith("-I") and "cupy" in o for o in options)
+    name = _cuda.name_expression("lif_forward", torch.float32)
+    cubin, mapping, log = _sass.compile_cubin(_cuda.source(), _cuda.OPTIONS, [name], "90")
+    assert cubin[:4] == b"\x7fELF" and mapping[name].startswith("_Z") and "sm_90" in log
 
 
 def test_nvrtc_build_does_not_contract_fma():
@@ -91,7 +98,9 @@ def test_gpu_matches_spikingjelly_cupy_backend(T):
     theirs = neuron.LIFNode(backend="cupy", **options).cuda()
     ours = neuron.LIFNode(backend="temporal_fusion", **options).cuda()
     x = (torch.randn(T, 64, 1000, device="cuda") * 0.3 + 0.12).requires_grad_()
-    y_theirs, y_ours = theirs(x), ours(x)
+    with numpy_int_alias():  # SpikingJelly 0.0.0.0.14's cupy backend uses np.int (compat)
+        y_theirs = theirs(x)
+    y_ours = ours(x)
     h_exact = None
     with torch.no_grad():
         from sj_temporal_fusion.reference import lif_reference
@@ -102,7 +111,8 @@ def test_gpu_matches_spikingjelly_cupy_backend(T):
                                                        torch.float32)
     assert unexplained == 0 and explained <= 0.001 * 64000
     if explained == 0:
-        g_theirs, = torch.autograd.grad(y_theirs.sum(), x)
+        with numpy_int_alias():
+            g_theirs, = torch.autograd.grad(y_theirs.sum(), x)
         g_ours, = torch.autograd.grad(y_ours.sum(), x)
         assert_grad_close(g_ours, g_theirs, torch.float32, "grad x vs cupy backend")
 

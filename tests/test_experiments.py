@@ -230,7 +230,8 @@ def test_missing_mnist_without_download_says_where_to_put_it(tmp_path):
 # the event path and a column with the paper's numbers beside ours.
 ONCE = ["--epochs", "1", "--repeats", "1", "--max-batches", "1", "--set", "warmup_batches=0"]
 RUNS = {
-    ("spiking_resnet18", "digits"): ["--epochs", "2", "--repeats", "2", "--max-batches", "1"],
+    ("spiking_resnet18", "digits"): ["--epochs", "2", "--repeats", "2", "--max-batches", "1",
+                                     "--set", "warmup_batches=2"],  # base.yaml's 10: too slow for CI
     ("spiking_resnet34", "digits"): ONCE,
     ("spiking_resnet50", "digits"): ONCE,
     ("spiking_resnet18", "synthetic"): ONCE + ["--set", "batch_size=2"],
@@ -347,6 +348,23 @@ def test_cupy_backend_on_the_cpu_is_refused_with_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="backend 'cupy' runs on CUDA tensors only"):
         train.main(["--config", str(configs.CONFIG_DIR / "mnist_resnet18.yaml"), "--dataset", "digits",
                     "--backend", "cupy", "--device", "cpu", "--out", str(tmp_path)] + TINY)
+
+
+@pytest.mark.parametrize("override, what", [({"amp": "bf16"}, "amp bf16"), ({"dtype": "float64"}, "dtype float64")])
+def test_cupy_with_bf16_or_float64_is_refused_up_front(override, what):
+    with pytest.raises(configs.ConfigError, match=f"backend cupy with {what}: .*float32 and float16 only"):
+        configs.load(configs.CONFIG_DIR / "mnist_resnet18.yaml", {"backend": "cupy", **override})
+    configs.load(configs.CONFIG_DIR / "mnist_resnet18.yaml", {"backend": "cupy", "amp": "fp16"})
+
+
+def test_cupy_test_epoch_times_the_cupy_kernels_not_torchscript():
+    """SpikingJelly's eval mode runs TorchScript whatever the backend: cupy's LIF nodes are kept in
+    train mode for the (no_grad) test pass, everything else is in eval mode."""
+    from spikingjelly.activation_based import neuron
+    for backend, lif_training in (("cupy", True), ("torch", False), ("temporal_fusion", False)):
+        net = torch.nn.Sequential(torch.nn.BatchNorm1d(3), neuron.LIFNode(step_mode="m")).train()
+        train._test_mode(net, {"backend": backend})
+        assert not net[0].training and net[1].training == lif_training
 
 
 # ---------------------------------------------------------------- the table

@@ -1,18 +1,18 @@
-"""python -m sj_temporal_fusion.bench {lif,memory,traffic,tune,shard} [options]; --help on each."""
+"""python -m sj_temporal_fusion.bench {lif,memory,net,traffic,tune,shard} [options]; --help on each."""
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
 
-BENCHMARKS = ("lif", "memory", "traffic", "tune", "shard")
+BENCHMARKS = ("lif", "memory", "net", "traffic", "tune", "shard")
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import lif, memory, shard, traffic, tune
+    from . import lif, memory, net, shard, traffic, tune
     p = argparse.ArgumentParser(prog="python -m sj_temporal_fusion.bench", description=__doc__)
     sub = p.add_subparsers(dest="benchmark", required=True)
-    for name, module in (("lif", lif), ("memory", memory), ("traffic", traffic), ("tune", tune), ("shard", shard)):
+    for name, module in (("lif", lif), ("memory", memory), ("net", net), ("traffic", traffic), ("tune", tune), ("shard", shard)):
         s = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         if name != "traffic":

@@ -4,12 +4,9 @@ result is tagged with, progress, and the JSON / CSV writers. Each benchmark modu
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from .. import environment as shared_env
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -59,64 +58,33 @@ def parse_names(text: str, allowed: Iterable[str], what: str) -> list[str]:
 
 # ---------------------------------------------------------------- environment
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> Optional[str]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        import importlib.metadata as metadata
-        return metadata.version(module)
-    except Exception:  # noqa: BLE001 - a missing package is reported as None
-        return None
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {os.cpu_count()} logical CPUs"
+    return f"{shared_env.cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def environment(device: torch.device) -> dict:
-    """What a result is tagged with: device, versions, commit, date, command, load."""
+    """What a result is tagged with: device, versions, commit, date, command, load
+    (``sj_temporal_fusion.environment`` collects it; the layout is the benchmarks' own)."""
+    common = shared_env.collect(device)
+    git = common["git"]
     env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": common["date_utc"],
         "device": str(device),
         "device_name": device_name(device),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "cpu_model": common["cpu"],
+        "cpu_count": common["cpu_count"],
+        "torch_threads": common["torch_threads"],
         "command": " ".join([os.path.basename(sys.executable), "-m", "sj_temporal_fusion.bench"] + sys.argv[1:]),
-        "commit": _git_commit(),
-        "python": platform.python_version(),
-        "versions": {name: _version(name) for name in
-                     ("torch", "spikingjelly", "cupy-cuda13x", "cupy-cuda12x", "numpy", "sj-temporal-fusion")},
+        "commit": None if git["commit"] is None else git["commit"] + ("-dirty" if git["dirty"] else ""),
+        "python": common["versions"]["python"],
+        "versions": {k: v for k, v in common["versions"].items() if k != "python"},
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(cuda_runtime=torch.version.cuda, gpu_memory_bytes=props.total_memory,
-                   gpu_sm_count=props.multi_processor_count)
+        gpu = common["gpu"]
+        env.update(cuda_runtime=torch.version.cuda, gpu_memory_bytes=gpu["memory_bytes"],
+                   gpu_sm_count=gpu["sm_count"], gpu_capability=gpu["capability"])
     if hasattr(os, "getloadavg"):
         # Other work on the machine shows up here: a 2-core runner with load 2 halves every figure.
         env["loadavg_start"] = list(os.getloadavg())
@@ -163,8 +131,11 @@ def configure_cpu_allocator(mode: str) -> str:
 
 @dataclass
 class Timing:
-    """Per-repetition wall (CPU) or CUDA-event (GPU) times of one setup, in milliseconds."""
+    """Per-repetition times of one setup, in milliseconds: ``samples_ms`` the kernel time (CUDA
+    events around the call on GPU, perf_counter on CPU) and ``wall_samples_ms`` the host's wall
+    time from the call until its work has finished (on CPU the two are the same reading)."""
     samples_ms: list[float] = field(default_factory=list)
+    wall_samples_ms: list[float] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:
@@ -178,21 +149,26 @@ class Timing:
         return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
     def summary(self) -> dict:
-        return {"median_ms": self.median_ms, "p25_ms": self.quantile_ms(0.25),
-                "p75_ms": self.quantile_ms(0.75), "min_ms": min(self.samples_ms),
-                "max_ms": max(self.samples_ms), "reps": len(self.samples_ms)}
+        out = {"median_ms": self.median_ms, "p25_ms": self.quantile_ms(0.25),
+               "p75_ms": self.quantile_ms(0.75), "min_ms": min(self.samples_ms),
+               "max_ms": max(self.samples_ms), "reps": len(self.samples_ms)}
+        if self.wall_samples_ms:
+            out["wall_median_ms"] = statistics.median(self.wall_samples_ms)
+        return out
 
 
 class CacheFlusher:
-    """Writes a buffer larger than the last-level cache, so the next repetition starts cold."""
+    """Reads a buffer larger than the last-level cache, so the next repetition starts cold.
+    Reading, not writing: a written buffer leaves dirty lines that the timed call would pay to
+    write back."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.buffer = (torch.empty(FLUSH_BYTES[device.type] // 4, dtype=torch.int32, device=device)
+        self.buffer = (torch.ones(FLUSH_BYTES[device.type] // 4, dtype=torch.int32, device=device)
                        if enabled else None)
 
     def __call__(self) -> None:
         if self.buffer is not None:
-            self.buffer.fill_(1)
+            self.buffer.max()  # reads every byte; the result is one element
 
 
 def synchronize(device: torch.device) -> None:
@@ -203,38 +179,38 @@ def synchronize(device: torch.device) -> None:
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
             max_seconds: float = 5.0, min_reps: int = 3, flush: Optional[CacheFlusher] = None) -> Timing:
     """Time ``fn`` after ``warmup`` calls: up to ``reps`` repetitions, stopping early once
-    ``max_seconds`` of measured time have passed (never below ``min_reps``). CUDA: one event pair
-    per repetition, read after a single synchronize; CPU: perf_counter around each call."""
+    ``max_seconds`` of measured time have passed (never below ``min_reps``).
+
+    Each repetition: flush, synchronise (the flush and all earlier work have finished), then
+    time the call. CUDA: an event pair around the call gives the kernel time, and the host's
+    perf_counter from just before the call until the end event has completed gives the wall
+    time. Synchronising before the start event puts every method on the same footing: without
+    it a method with less host overhead than the flush is enqueued behind it and timed
+    kernel-only while the others are host-bound. CPU: perf_counter around the call."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     timing = Timing()
     spent = 0.0
-    if device.type == "cuda":
-        events = []
-        for i in range(reps):
-            if flush is not None:
-                flush()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-            if i + 1 >= min_reps and (i + 1) % 5 == 0:
-                end.synchronize()
-                spent = sum(s.elapsed_time(e) for s, e in events) / 1e3
-                if spent > max_seconds:
-                    break
-        torch.cuda.synchronize(device)
-        timing.samples_ms = [s.elapsed_time(e) for s, e in events]
-        return timing
     for i in range(reps):
         if flush is not None:
             flush()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - t0
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            wall = time.perf_counter() - t0
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed = wall = time.perf_counter() - t0
         timing.samples_ms.append(elapsed * 1e3)
+        timing.wall_samples_ms.append(wall * 1e3)
         spent += elapsed
         if i + 1 >= min_reps and spent > max_seconds:
             break

@@ -49,7 +49,7 @@ TORCHSCRIPT_WARMUP = 10
 SPIKE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 0.05, torch.bfloat16: 0.15}
 GRAD_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 0.05, torch.bfloat16: 0.15}
 COLUMNS = ["method", "mode", "dtype", "T", "N", "status", "median_ms", "p25_ms", "p75_ms", "min_ms",
-           "reps", "design_bytes", "gb_per_s", "fraction_of_copy_bw", "speedup_of_temporal_fusion",
+           "reps", "wall_median_ms", "design_bytes", "gb_per_s", "fraction_of_copy_bw", "speedup_of_temporal_fusion",
            "spike_mismatch", "grad_rel_error", "reason"]
 
 
@@ -150,7 +150,9 @@ def setup_cupy(case, x, grad):
     except ImportError as exc:
         raise Skip(f"CuPy is not importable: {exc}") from exc
     # train mode even for 'infer' (under no_grad): SJ's eval mode would run TorchScript instead.
-    return _node_step(_node("cupy", case.device), case, x, grad, eval_mode=False)
+    # numpy.int only while SJ's cupy backend runs: its 0.0.0.0.14 uses the removed alias (compat).
+    from ..compat import with_numpy_int_alias
+    return with_numpy_int_alias(_node_step(_node("cupy", case.device), case, x, grad, eval_mode=False))
 
 
 def setup_serial(case, x, grad):
@@ -237,10 +239,18 @@ def run_case(case: Case, x, grad, ref, args, flush) -> dict:
                                  max_seconds=args.max_seconds, flush=flush)
     except torch.cuda.OutOfMemoryError as exc:
         return {**row, "status": "error", "reason": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - one failing case must not end the benchmark
+        return {**row, "status": "error", "reason": error_reason(exc)}
     finally:
         if x.grad is not None:
             x.grad = None
     return {**row, "status": "ok", **timing.summary(), "samples_ms": timing.samples_ms}
+
+
+def error_reason(exc: BaseException) -> str:
+    """'Type: first line of the message' of a failed case, for its error row."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def add_roofline(rows: list[dict], copy_gb_per_s: float) -> None:
@@ -396,16 +406,49 @@ def main(args) -> dict:
     env["cpu_allocator"] = getattr(args, "cpu_allocator_setting", None)
     copy_start = harness.copy_bandwidth(device)
     flush = harness.CacheFlusher(device, enabled=not args.no_flush)
+    config = {"neurons": N, "T": Ts, "modes": modes, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
+              "methods": methods, "neuron": {**FIG5, "surrogate": f"Sigmoid(alpha={SG_ALPHA})"},
+              "reps": args.reps, "warmup": args.warmup, "torchscript_warmup": TORCHSCRIPT_WARMUP,
+              "max_seconds": args.max_seconds, "check_neurons": args.check_neurons,
+              "flush_caches": not args.no_flush,
+              "timer": ("CUDA events (kernel) + perf_counter to completion (wall), synchronised "
+                        "before each call" if device.type == "cuda" else "time.perf_counter")}
+    name = args.name or f"lif-{device.type}"
+    out = Path(args.out)
+
+    def write(rows: list[dict], copy_gb_per_s: float, copy_end, complete: bool) -> dict:
+        # Written after every case: a run cut short (a crash, a time budget) keeps what finished.
+        rows = [dict(r) for r in rows]
+        add_roofline(rows, copy_gb_per_s)
+        payload = {"benchmark": "lif", "complete": complete, "environment": env, "config": config,
+                   "copy_bandwidth": {"gb_per_s": copy_gb_per_s, "start": copy_start, "end": copy_end},
+                   "design_bytes_per_neuron_step": {
+                       f"{mode}/{harness.DTYPE_NAMES[d]}": traffic.words_per_neuron_step(mode, d)
+                       for mode in modes for d in dtypes},
+                   "results": rows}
+        harness.write_json(out / f"{name}.json", payload)
+        harness.write_csv(out / f"{name}.csv", rows, COLUMNS)
+        return payload
+
     rows = []
     cases = [(mode, dtype, T) for mode in modes for dtype in dtypes for T in Ts]
     bar = harness.progress(len(cases) * len(methods), "lif", enabled=not args.quiet)
     for mode, dtype, T in cases:
-        x, grad = make_inputs(T, N, dtype, device, mode)
-        n_check = min(N, args.check_neurons)
-        ref = reference(x[:, :n_check], None if grad is None else grad[:, :n_check])
+        try:
+            x, grad = make_inputs(T, N, dtype, device, mode)
+            n_check = min(N, args.check_neurons)
+            ref = reference(x[:, :n_check], None if grad is None else grad[:, :n_check])
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the inputs of a large T
+            for method in methods:
+                rows.append({"method": method, "mode": mode, "dtype": harness.DTYPE_NAMES[dtype], "T": T,
+                             "N": N, "status": "error", "reason": f"inputs: {error_reason(exc)}"})
+                bar.update(1)
+            write(rows, copy_start["gb_per_s"], None, complete=False)
+            continue
         for method in methods:
             bar.set_postfix_str(f"{method} {mode} {harness.DTYPE_NAMES[dtype]} T={T}")
             rows.append(run_case(Case(method, mode, dtype, T, N, device), x, grad, ref, args, flush))
+            write(rows, copy_start["gb_per_s"], None, complete=False)
             bar.update(1)
         del x, grad, ref
         if device.type == "cuda":
@@ -414,25 +457,9 @@ def main(args) -> dict:
     copy_end = harness.copy_bandwidth(device)
     # The larger of the two readings: a conservative denominator for the roofline.
     copy_gb_per_s = max(copy_start["gb_per_s"], copy_end["gb_per_s"])
-    add_roofline(rows, copy_gb_per_s)
-    payload = {
-        "benchmark": "lif",
-        "environment": harness.finish_environment(env),
-        "config": {"neurons": N, "T": Ts, "modes": modes, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
-                   "methods": methods, "neuron": {**FIG5, "surrogate": f"Sigmoid(alpha={SG_ALPHA})"},
-                   "reps": args.reps, "warmup": args.warmup, "torchscript_warmup": TORCHSCRIPT_WARMUP,
-                   "max_seconds": args.max_seconds, "check_neurons": args.check_neurons,
-                   "flush_caches": not args.no_flush,
-                   "timer": "CUDA events" if device.type == "cuda" else "time.perf_counter"},
-        "copy_bandwidth": {"gb_per_s": copy_gb_per_s, "start": copy_start, "end": copy_end},
-        "design_bytes_per_neuron_step": {
-            f"{mode}/{harness.DTYPE_NAMES[d]}": traffic.words_per_neuron_step(mode, d) for mode in modes for d in dtypes},
-        "results": rows,
-    }
-    name = args.name or f"lif-{device.type}"
-    out = Path(args.out)
-    harness.write_json(out / f"{name}.json", payload)
-    harness.write_csv(out / f"{name}.csv", rows, COLUMNS)
+    harness.finish_environment(env)
+    payload = write(rows, copy_gb_per_s, copy_end, complete=True)
+    rows = payload["results"]
     if not args.no_plots:
         title = f"LIF layer, N={N:,}, {env['device_name']}"
         payload["plots"] = [str(p) for p in plot(rows, out, name, title)]

@@ -118,6 +118,9 @@ def setup_resnet18(method: str, device, dtype, T: int, batch: int, image_size: i
         net.zero_grad(set_to_none=True)
         out = net(x).mean(0)
         torch.nn.functional.cross_entropy(out.float(), label).backward()
+    if method == "cupy":  # numpy.int only while SJ's cupy backend runs (compat)
+        from ..compat import with_numpy_int_alias
+        step = with_numpy_int_alias(step)
     step.net = net
     step.clear = lambda: net.zero_grad(set_to_none=True)
     return step
@@ -142,6 +145,29 @@ def main(args) -> dict:
     dtypes = [harness.DTYPES[d] for d in harness.parse_names(args.dtypes, harness.DTYPES, "dtype")]
     env = harness.environment(device)
     env["cpu_allocator"] = getattr(args, "cpu_allocator_setting", None)
+    config = {"models": models, "methods": methods, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
+              "T": args.T, "neurons": args.neurons, "batch": args.batch,
+              "image_size": args.image_size, "lif_neuron": lif.FIG5,
+              "resnet18_neuron": {"tau": 2.0, "detach_reset": True,
+                                  "surrogate": f"Sigmoid(alpha={lif.SG_ALPHA})"}}
+    name = args.name or f"memory-{device.type}"
+    out = Path(args.out)
+
+    def write(rows: list[dict], complete: bool) -> dict:
+        # Written after every case: a run cut short keeps what finished.
+        rows = [dict(r) for r in rows]
+        base = {(r["model"], r["dtype"]): r["peak_bytes"] for r in rows
+                if r["method"] == "temporal_fusion" and r.get("peak_bytes")}
+        for r in rows:
+            b = base.get((r["model"], r["dtype"]))
+            if r.get("peak_bytes") and b:
+                r["ratio_to_temporal_fusion"] = r["peak_bytes"] / b
+        payload = {"benchmark": "memory", "complete": complete, "environment": env, "config": config,
+                   "results": rows}
+        harness.write_json(out / f"{name}.json", payload)
+        harness.write_csv(out / f"{name}.csv", rows, COLUMNS)
+        return payload
+
     rows = []
     cases = [(m, d, meth) for m in models for d in dtypes for meth in methods]
     bar = harness.progress(len(cases), "memory", enabled=not args.quiet)
@@ -149,6 +175,7 @@ def main(args) -> dict:
         size = args.neurons if model == "lif" else args.batch
         row = {"model": model, "method": method, "dtype": harness.DTYPE_NAMES[dtype], "T": args.T, "size": size}
         bar.set_postfix_str(f"{model} {method} {row['dtype']}")
+        step = None
         try:
             if model == "lif":
                 step = setup_lif(method, device, dtype, args.T, size)
@@ -161,30 +188,19 @@ def main(args) -> dict:
             row.update(status="skipped", reason=str(exc))
         except torch.cuda.OutOfMemoryError as exc:
             row.update(status="error", reason=f"out of memory: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # noqa: BLE001 - one failing case must not end the benchmark
+            row.update(status="error", reason=lif.error_reason(exc))
         finally:
             step = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
+        write(rows, complete=False)
         bar.update(1)
     bar.close()
-    base = {(r["model"], r["dtype"]): r["peak_bytes"] for r in rows
-            if r["method"] == "temporal_fusion" and r.get("peak_bytes")}
-    for r in rows:
-        b = base.get((r["model"], r["dtype"]))
-        if r.get("peak_bytes") and b:
-            r["ratio_to_temporal_fusion"] = r["peak_bytes"] / b
-    payload = {"benchmark": "memory", "environment": harness.finish_environment(env),
-               "config": {"models": models, "methods": methods, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
-                          "T": args.T, "neurons": args.neurons, "batch": args.batch,
-                          "image_size": args.image_size, "lif_neuron": lif.FIG5,
-                          "resnet18_neuron": {"tau": 2.0, "detach_reset": True,
-                                              "surrogate": f"Sigmoid(alpha={lif.SG_ALPHA})"}},
-               "results": rows}
-    name = args.name or f"memory-{device.type}"
-    out = Path(args.out)
-    harness.write_json(out / f"{name}.json", payload)
-    harness.write_csv(out / f"{name}.csv", rows, COLUMNS)
+    harness.finish_environment(env)
+    payload = write(rows, complete=True)
+    rows = payload["results"]
     if not args.no_plots:
         payload["plots"] = [str(p) for p in plot(rows, out, name, env["device_name"], args)]
     print(f"{'model':<10}{'method':<17}{'dtype':<6}{'peak MiB':>10}{'x tf':>7}")

@@ -5,6 +5,12 @@
     CPU   neurons per emulated thread of the host build (``_host.LANES``: contiguous lanes, the
           vectorised loop; each value is one g++ build, about 10-20 s)
 
+A shape whose kernels cannot launch (registers per thread x threads per block above the SM's
+65,536-register file: fp32 ``lif_backward`` at 4 lanes uses ~174 registers, so 512 x 4 fails with
+CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) is skipped with the ptxas register count as the reason
+(``_sass``: the kernels compiled for the device's architecture with that shape's options); any
+other failure of one shape is recorded as an error row and the sweep goes on.
+
 Each configuration times one LIF layer (the Fig. 5 neuron) through ``functional.lif_multi_step``
 in 'infer' and 'train' mode, after checking that its spikes equal those of the shipped
 configuration. The shipped values are put back afterwards; the winner is a proposal to copy
@@ -14,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
 
+from .. import _sass
 from . import harness, lif, traffic
 
 CUDA_BLOCKS = (64, 128, 256, 512, 1024)
@@ -51,6 +59,38 @@ def launch_shape(device: torch.device, block: int, lanes: int):
         finally:
             build.LANES, build.FLAGS = saved
             build.library.cache_clear()
+
+
+def launched_kernels(mode: str, dtype: torch.dtype) -> list[str]:
+    """Name expressions of the kernels one ``_step`` launches (Fig. 5 neuron: Sigmoid surrogate)."""
+    from .. import _cuda, surrogate as specs
+    names = [_cuda.name_expression("lif_forward", dtype)]
+    if mode == "train":
+        names.append(_cuda.name_expression("lif_backward", dtype, specs.spec(lif.surrogate()).id))
+    return names
+
+
+def kernel_resources(names: list[str], arch: str) -> list[_sass.KernelResources]:
+    """ptxas resources of ``names`` compiled with the CUDA build's current options (inside
+    ``launch_shape`` these carry that shape's lanes) for ``sm_<arch>``."""
+    from .. import _cuda
+    return list(_cached_resources(_cuda.source(), tuple(_cuda.OPTIONS), tuple(names), arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_resources(source: str, options: tuple, names: tuple, arch: str):
+    return tuple(_sass.resources(source, options, names, arch))
+
+
+def launch_problem(block: int, resources: list[_sass.KernelResources]) -> str | None:
+    """Why ``block`` threads per block cannot launch these kernels, or None when they can."""
+    bad = [r for r in resources if not _sass.fits(r.registers, block)]
+    if not bad:
+        return None
+    return "; ".join(
+        f"{r.name} uses {r.registers} registers (ptxas, sm_{r.arch}): {block} threads need "
+        f"{-(-block // 32) * _sass.warp_registers(r.registers):,} > {_sass.REGISTER_FILE:,} registers per SM"
+        for r in bad)
 
 
 def _step(mode: str, x: torch.Tensor, grad):
@@ -100,15 +140,28 @@ def main(args) -> dict:
                 for (mode, dtype), (x, grad) in inputs.items():
                     row = {"block": block if device.type == "cuda" else None, "lanes": lane, "mode": mode,
                            "dtype": harness.DTYPE_NAMES[dtype], "T": args.T, "N": N}
-                    step = _step(mode, x, grad)
-                    if not torch.equal(step().detach(), expected[(mode, dtype)]):
-                        row.update(status="check_failed", reason="spikes differ from the shipped launch shape")
-                    else:
-                        t = harness.time_fn(step, device, warmup=2, reps=args.reps,
-                                            max_seconds=args.max_seconds, flush=flush)
-                        design = traffic.step_traffic(mode, args.T, N, dtype).total
-                        row.update(status="ok", **t.summary(),
-                                   fraction_of_copy_bw=design / (t.median_ms / 1e3) / 1e9 / copy["gb_per_s"])
+                    try:
+                        problem = None
+                        if device.type == "cuda":
+                            major, minor = torch.cuda.get_device_capability(device)
+                            problem = launch_problem(block, kernel_resources(launched_kernels(mode, dtype),
+                                                                             f"{major}{minor}"))
+                        if problem is not None:
+                            row.update(status="skipped", reason=problem)
+                        else:
+                            step = _step(mode, x, grad)
+                            if not torch.equal(step().detach(), expected[(mode, dtype)]):
+                                row.update(status="check_failed", reason="spikes differ from the shipped launch shape")
+                            else:
+                                t = harness.time_fn(step, device, warmup=2, reps=args.reps,
+                                                    max_seconds=args.max_seconds, flush=flush)
+                                design = traffic.step_traffic(mode, args.T, N, dtype).total
+                                row.update(status="ok", **t.summary(),
+                                           fraction_of_copy_bw=design / (t.median_ms / 1e3) / 1e9 / copy["gb_per_s"])
+                    except Exception as exc:  # noqa: BLE001 - one failing shape must not end the sweep
+                        row.update(status="error", reason=lif.error_reason(exc))
+                    finally:
+                        x.grad = None
                     rows.append(row)
                     bar.update(1)
     bar.close()

@@ -1,0 +1,85 @@
+"""Whole-network benchmark (sj_temporal_fusion/bench/net.py), on tiny sizes on the CPU."""
+import json
+
+import torch
+
+from sj_temporal_fusion.bench import net
+from sj_temporal_fusion.bench.__main__ import main
+
+
+def test_cli_small(tmp_path):
+    payload = main(["net", "--device", "cpu", "--T", "2", "--batch", "1", "--image-size", "16",
+                    "--reps", "2", "--min-reps", "1", "--warmup", "0", "--out", str(tmp_path), "--quiet"])
+    rows = {(r["mode"], r["method"]): r for r in json.loads((tmp_path / "net-cpu.json").read_text())["results"]}
+    assert len(rows) == len(net.METHODS) * len(net.MODES)
+    for mode in net.MODES:
+        assert rows[(mode, "cupy")]["status"] == "skipped"
+        assert rows[(mode, "temporal_fusion+fold_bn")]["status"] == "skipped"
+        assert "fold_bn" in rows[(mode, "temporal_fusion+fold_bn")]["reason"]
+        for method in ("torch", "temporal_fusion", "temporal_fusion+spike_bits"):
+            r = rows[(mode, method)]
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["peak_bytes"] > 0 and r["reps"] >= 1
+            assert abs(sum(r[f"{c}_share"] for c in net.CATEGORIES) - 1) < 1e-6
+            # Every model has convolutions, BatchNorms and neurons that take measurable time.
+            assert min(r["conv_ms"], r["bn_ms"], r["neuron_ms"]) > 0, r
+        assert rows[(mode, "torch")]["speedup_vs_torch"] == 1.0
+    train = rows[("train", "temporal_fusion+spike_bits")]
+    assert train["grad_bitwise_equal_to_temporal_fusion"] is True
+    assert train["spike_bits_ms"] > 0  # packing ran, and was attributed to its own category
+    assert rows[("train", "temporal_fusion")]["spike_bits_ms"] == 0
+    assert rows[("train", "temporal_fusion")]["grad_rel_diff_vs_torch"] < 1e-4
+    assert (tmp_path / "net-cpu.png").exists() and (tmp_path / "net-cpu.csv").exists()
+    assert payload["config"]["neuron"]["tau"] == 1.25
+
+
+def test_models_and_first_convolution_channels():
+    for model in net.MODELS:
+        m = net.build_model(model, "temporal_fusion", channels=1)
+        assert m.conv1.in_channels == 1
+        assert {n.backend for n in m.modules() if hasattr(n, "v_threshold")} == {"temporal_fusion"}
+
+
+def test_breakdown_attributes_backward_to_the_forward_layer():
+    # A network of one convolution only: its backward (ConvolutionBackward0) must land in conv,
+    # which then holds most of the step; the neuron category stays empty.
+    class OnlyConv(net.Setup):
+        def __init__(self):
+            self.method, self.mode, self.device = "x", "train", torch.device("cpu")
+            self.net = torch.nn.Conv2d(3, 64, 5)
+            self.x = torch.rand(16, 3, 48, 48)
+            self.loss = None
+
+        def step(self):
+            self.net.zero_grad(set_to_none=True)
+            self.loss = self.net(self.x).square().mean()
+            self.loss.backward()
+    parts = net.breakdown(OnlyConv())
+    assert parts["neuron"] == 0 and parts["bn"] == 0
+    assert parts["conv"] > 0.5 * sum(parts.values()), parts
+
+
+def test_check_fails_a_method_with_wrong_gradients():
+    class Fake:
+        def __init__(self, scale):
+            self.p = torch.nn.Parameter(torch.ones(3))
+            self.scale, self.loss = scale, None
+
+        def step(self):
+            self.p.grad = None
+            self.loss = (self.p * self.scale).sum()
+            self.loss.backward()
+
+        def gradients(self):
+            return {"p": self.p.grad.clone()}
+    result = net.check({"torch": Fake(1.0), "temporal_fusion": Fake(1.0), "temporal_fusion+spike_bits": Fake(1.5)},
+                       "train")
+    assert result["temporal_fusion"]["check_ok"] and result["temporal_fusion"]["grad_rel_diff_vs_torch"] == 0
+    assert not result["temporal_fusion+spike_bits"]["check_ok"]
+    assert result["temporal_fusion+spike_bits"]["grad_bitwise_equal_to_temporal_fusion"] is False
+
+
+def test_table_prints_skips():
+    text = net.table([{"model": "resnet18", "mode": "train", "method": "cupy", "status": "skipped",
+                       "reason": "no CUDA"}])
+    assert "skipped: no CUDA" in text

@@ -1,0 +1,36 @@
+"""bench tune (sj_temporal_fusion/bench/tune.py): shapes the kernels cannot launch are skipped
+with the ptxas register count, decided on the CPU from the compiled sm_90 machine code."""
+import pytest
+import torch
+
+from sj_temporal_fusion import _cuda, _sass
+from sj_temporal_fusion.bench import tune
+
+
+def test_a_shape_beyond_the_register_file_is_refused_with_the_reason():
+    heavy = _sass.KernelResources("lif_backward<float, 2>", "90", 174, 0, 0, 0)
+    light = _sass.KernelResources("lif_forward<float>", "90", 31, 0, 0, 0)
+    reason = tune.launch_problem(512, [light, heavy])
+    assert reason == ("lif_backward<float, 2> uses 174 registers (ptxas, sm_90): 512 threads need "
+                      "90,112 > 65,536 registers per SM")
+    assert tune.launch_problem(256, [light, heavy]) is None
+
+
+def test_launch_problem_follows_the_compiled_registers_of_each_shape():
+    """Real compile of the training kernels at 4 lanes (the issue's 174-register case) for sm_90."""
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
+        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    names = tune.launched_kernels("train", torch.float32)
+    assert len(names) == 2 and names[1].startswith("lif_backward")
+    with tune.launch_shape(torch.device("cuda"), 512, 4):
+        assert "-DLIF_LANES=4" in _cuda.OPTIONS
+        resources = tune.kernel_resources(names, "90")
+    assert "-DLIF_LANES=4" not in _cuda.OPTIONS  # the shipped shape is restored
+    for block in tune.CUDA_BLOCKS:
+        problem = tune.launch_problem(block, resources)
+        assert (problem is None) == all(_sass.fits(r.registers, block) for r in resources), (block, problem)
+    backward = resources[1]
+    assert backward.registers > max(r.registers for r in tune.kernel_resources(names, "90"))  # more lanes, more registers

@@ -1,0 +1,79 @@
+"""GPU resources checked without a GPU: every kernel variant compiled to sm_80 and sm_90 machine
+code through CuPy's RawModule path (``_sass``), with ptxas's registers, spills and stack.
+
+Fails on any spill or stack frame (local memory), and on a register count that drops occupancy
+below 50% at ``_cuda.BLOCK`` threads per block for the fp32, fp16 and bf16 kernels (fp64 kernels
+are exempt: fp64 is for exactness, not speed). How occupancy is computed: ``_sass.occupancy``
+(65,536 registers and 2,048 threads per SM on sm_80 / sm_90, 256-register allocation per warp)."""
+import pytest
+
+from sj_temporal_fusion import _cuda, _sass
+
+FAST_DTYPES = ("float", "f16_t", "bf16_t")
+
+PTXAS_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooIfEvv' for 'sm_90'
+ptxas info    : Function properties for _Z3fooIfEvv
+ptxas         .     32 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 68 registers, used 0 barriers
+ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'
+ptxas info    : Function properties for _Z3barv
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 31 registers, used 0 barriers
+"""
+
+
+def test_occupancy_model():
+    # 64 registers x 256 threads: 8 warps x 2,048 registers = 16,384 per block -> 4 blocks = 1,024 threads.
+    assert _sass.occupancy(64, 256) == 0.5
+    # 65 rounds up to 72: 18,432 per block -> 3 blocks = 768 threads.
+    assert _sass.occupancy(65, 256) == 0.375
+    assert _sass.occupancy(32, 256) == 1.0
+    assert _sass.max_registers_for(0.5, 256) == 64
+    # The tune defect: 174 registers (176 allocated) x 512 threads = 90,112 > 65,536: cannot launch.
+    assert not _sass.fits(174, 512) and _sass.occupancy(174, 512) == 0.0
+    assert _sass.fits(96, 512) and _sass.fits(255, 256) and not _sass.fits(255, 512)
+    assert not _sass.fits(32, 2048)  # more than 1,024 threads per block
+
+
+def test_ptxas_report_is_parsed():
+    rows = _sass.parse_ptxas_log(PTXAS_LOG, {"foo<float>": "_Z3fooIfEvv"}, "90")
+    assert [(r.name, r.registers, r.stack_bytes, r.spill_store_bytes, r.spill_load_bytes) for r in rows] == [
+        ("foo<float>", 68, 32, 8, 4), ("_Z3barv", 31, 0, 0, 0)]
+    assert rows[0].uses_local_memory and not rows[1].uses_local_memory
+    assert _sass.dtype_of("lif_backward<bf16_t, 2>") == "bf16_t"
+
+
+@pytest.fixture(scope="module")
+def per_arch():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
+        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    return _sass.package_resources(_sass.ARCHS)
+
+
+def test_every_variant_is_compiled_for_both_architectures(per_arch):
+    names = _cuda.all_name_expressions()
+    assert set(per_arch) == {"80", "90"}
+    for arch, rows in per_arch.items():
+        assert [r.name for r in rows] == names
+        assert all(r.arch == arch and r.mangled.startswith("_Z") and r.registers > 0 for r in rows)
+
+
+@pytest.mark.parametrize("arch", _sass.ARCHS)
+def test_no_spills_or_local_memory(per_arch, arch):
+    bad = [f"{r.name}: {r.stack_bytes} B stack, {r.spill_store_bytes} B spill stores, "
+           f"{r.spill_load_bytes} B spill loads" for r in per_arch[arch] if r.uses_local_memory]
+    assert not bad, f"sm_{arch}: local memory in {len(bad)} variants:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("arch", _sass.ARCHS)
+def test_registers_keep_half_occupancy(per_arch, arch):
+    limit = _sass.max_registers_for(_sass.MIN_OCCUPANCY, _cuda.BLOCK)
+    bad = [f"{r.name}: {r.registers} registers -> {_sass.occupancy(r.registers, _cuda.BLOCK):.1%}"
+           for r in per_arch[arch]
+           if _sass.dtype_of(r.name) in FAST_DTYPES and _sass.occupancy(r.registers, _cuda.BLOCK) < _sass.MIN_OCCUPANCY]
+    assert not bad, (f"sm_{arch}, block {_cuda.BLOCK}: above {limit} registers occupancy drops below "
+                     f"{_sass.MIN_OCCUPANCY:.0%}:\n" + "\n".join(bad))
