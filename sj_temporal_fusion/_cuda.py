@@ -1,5 +1,7 @@
-"""GPU build: csrc/temporal.cu compiled by NVRTC through CuPy's RawModule, one compiled function per
-(kernel variant, device), launched on PyTorch's current stream of the tensor's device."""
+"""GPU build: csrc/temporal.cu compiled by NVRTC through CuPy's compiler (``_sass.compile_cubin``:
+CuPy's options without its ``-ftz=true``, so fp32 subnormals round as on the host), one cubin per
+(kernel variant, architecture), cached on disk and loaded per device, launched on PyTorch's
+current stream of the tensor's device."""
 from __future__ import annotations
 
 import functools
@@ -14,8 +16,19 @@ from .variants import CUDA_TYPES
 CSRC = Path(__file__).parent / "csrc"
 BLOCK = 256
 LANES = 1
-# --fmad=false: no implicit FMA contraction, so results equal the host build bit for bit.
-OPTIONS = ("-std=c++17", "--fmad=false", f"-DTF_LANES={LANES}", f"-I{CSRC}")
+# Resident threads per SM the kernels are bounded for (__launch_bounds__): half of the 2,048 an
+# sm_80 / sm_90 SM holds, which caps them at 64 registers at 256 threads per block.
+MIN_RESIDENT_THREADS = 1024
+
+
+def options_for(block: int, lanes: int) -> tuple:
+    """NVRTC options of a launch shape. --fmad=false: no implicit FMA contraction, so results
+    equal the host build bit for bit."""
+    return ("-std=c++17", "--fmad=false", f"-DTF_LANES={lanes}", f"-DTF_BLOCK={block}",
+            f"-DTF_MIN_BLOCKS={max(1, MIN_RESIDENT_THREADS // block)}", f"-I{CSRC}")
+
+
+OPTIONS = options_for(BLOCK, LANES)
 MISSING_CUPY = ("a CUDA tensor was given but CuPy is not installed, and the GPU kernels of "
                 "sj_temporal_fusion run through CuPy: pip install 'sj-temporal-fusion[cuda13]' "
                 "(CUDA 13; '[cuda12]' for CUDA 12)")
@@ -60,12 +73,30 @@ def all_name_expressions() -> list[str]:
     return names
 
 
+def _compiled(expression: str, arch: str) -> tuple[bytes, str]:
+    """(cubin, mangled name) of one variant for sm_<arch>, compiled once and cached on disk."""
+    import cupy
+    from . import _cache, _sass
+    key = hashlib.sha256("\0".join((source(), *OPTIONS, expression, arch, cupy.__version__)).encode()).hexdigest()
+    path = _cache.root() / "cuda" / key[:24]
+    cached = _cache.read_verified(path / "kernel.cubin")
+    if cached is not None and (path / "name").exists():
+        return cached, (path / "name").read_text()
+    cubin, mapping, _ = _sass.compile_cubin(source(), OPTIONS, [expression], arch, verbose=False)
+    _cache.write_verified(path / "kernel.cubin", cubin)
+    (path / "name").write_text(mapping[expression])
+    return cubin, mapping[expression]
+
+
 @functools.lru_cache(maxsize=None)
 def _function(expression: str, device_index: int):
     cupy = import_cupy()
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=source(), options=OPTIONS, name_expressions=[expression])
-        return module.get_function(expression)
+    from cupy.cuda import function as cuda_function
+    with cupy.cuda.Device(device_index) as device:
+        cubin, mangled = _compiled(expression, device.compute_capability)
+        module = cuda_function.Module()
+        module.load(cubin)
+        return module, module.get_function(mangled)
 
 
 def _as_kernel_arg(kind: str, value, acc_dtype):
@@ -107,7 +138,7 @@ def launch(expression: str, device: torch.device, n: int, args, acc_is_double: b
     threads = -(-n // LANES)
     blocks = max(1, -(-threads // BLOCK))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _function(expression, index)
+    _, function = _function(expression, index)
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), _cupy_stream(stream.cuda_stream, index):
         function((blocks,), (BLOCK,), kernel_args)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from . import _cache
+
 CSRC = Path(__file__).parent / "csrc"
 # 64 contiguous lanes per emulated thread: the lane loop vectorises (fp32 forward at T=32,
 # N=262,144 on 2 cores: 47 ms with one lane, 2.6 ms with 64).
@@ -42,9 +44,7 @@ _announced = False
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SJ_TF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sj_temporal_fusion")
-    return Path(root) / "host"
+    return _cache.root() / "host"
 
 
 @contextlib.contextmanager
@@ -104,16 +104,6 @@ def _announce(out_dir: Path) -> None:
               f"each); cached in {out_dir.parent}", file=sys.stderr, flush=True)
 
 
-def _verified(lib_path: Path, digest_path: Path) -> bool:
-    if not (lib_path.exists() and digest_path.exists()):
-        return False
-    if hashlib.sha256(lib_path.read_bytes()).hexdigest() == digest_path.read_text().strip():
-        return True
-    print(f"sj_temporal_fusion: the cached CPU kernel {lib_path} does not match its digest (damaged or "
-          f"truncated); rebuilding it", file=sys.stderr, flush=True)
-    return False
-
-
 @functools.lru_cache(maxsize=None)
 def library(expression: str, emulate_gpu: bool = False, count_bytes: bool = False) -> ctypes.CDLL:
     """The compiled host library of one kernel variant, built on first use."""
@@ -126,10 +116,10 @@ def library(expression: str, emulate_gpu: bool = False, count_bytes: bool = Fals
     source = variant_source(expression, count_bytes)
     key = hashlib.sha256("\0".join((sources_digest(), source, compiler, *flags, _cpu_tag())).encode())
     out_dir = cache_dir() / key.hexdigest()[:20]
-    lib_path, digest_path = out_dir / "libtf.so", out_dir / "libtf.so.sha256"
+    lib_path = out_dir / "libtf.so"
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir / "build.lock")):
-        if not _verified(lib_path, digest_path):
+        if not _cache.is_verified(lib_path):
             _announce(out_dir)
             src = out_dir / "variant.cpp"
             src.write_text(source)
@@ -139,9 +129,7 @@ def library(expression: str, emulate_gpu: bool = False, count_bytes: bool = Fals
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"host build of kernel {expression} failed:\n{' '.join(cmd)}\n{proc.stderr}")
-            data = tmp.read_bytes()
-            os.replace(tmp, lib_path)
-            digest_path.write_text(hashlib.sha256(data).hexdigest() + "\n")
+            _cache.commit(tmp, lib_path)
             if os.environ.get("SJ_TF_VERBOSE"):
                 print(f"sj_temporal_fusion: built {expression} in {time.perf_counter() - started:.1f} s",
                       file=sys.stderr)

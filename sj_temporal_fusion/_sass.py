@@ -103,9 +103,12 @@ def _architecture_without_device(compiler):
 
 
 def cupy_options(options: Sequence[str]) -> tuple:
-    """The options CuPy's RawModule compiles with, given the launcher's ``options``."""
+    """The options the launcher compiles with (``_cuda``): CuPy's include directories and
+    ``options``, then ``-ftz=false``. CuPy's RawModule would append ``-ftz=true`` (flushing fp32
+    subnormals to zero, which the host build does not), so the launcher compiles through this
+    function and loads the cubin itself."""
     from cupy._core import core
-    return tuple(core.assemble_cupy_compiler_options(tuple(options))) + ("-ftz=true",)
+    return tuple(core.assemble_cupy_compiler_options(tuple(options))) + ("-ftz=false",)
 
 
 def compile_cubin(source: str, options: Sequence[str], name_expressions: Sequence[str], arch: str,
@@ -183,8 +186,9 @@ def _package_resources(source: str, options: tuple, names: tuple, archs: tuple):
 
 
 def dtype_of(name: str) -> str:
-    """'lif_backward<bf16_t, 2>' -> 'bf16_t'."""
-    return name.split("<", 1)[1].rstrip(">").split(",")[0].strip()
+    """'neuron_backward<LifModel, bf16_t, 2, 8, true>' -> 'bf16_t'."""
+    args = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")]
+    return next(a for a in args if a in ("float", "double", "f16_t", "bf16_t"))
 
 
 def markdown_table(per_arch: dict[str, list[KernelResources]], block: int) -> str:

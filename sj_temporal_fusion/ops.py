@@ -9,7 +9,7 @@ model is its registry name, its options a FORM integer and one parameter tensor.
 
 Layouts: x and sequences (T, *); states (*) each, in the state dtype; v is the first state variable,
 ``aux`` the second (IzhikevichNode's w; an empty tensor for one-state models); checkpoints
-(ceil(T/16), S, N) in the state dtype.
+(ceil(T / chunk), S, N) in the state dtype, chunk the model's checkpoint interval.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from . import _cuda, _host
 from .neurons import REGISTRY
 from .variants import backward_variant, fixup_variant, forward_variant
 
-CHUNK = 16  # TF_CHUNK in csrc/common/lanes.cuh: a checkpoint of the state every 16 steps
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -31,8 +30,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def num_checkpoints(T: int) -> int:
-    return (T + CHUNK - 1) // CHUNK
+def num_checkpoints(T: int, model: str = "lif") -> int:
+    """Checkpoints of the state over T steps: one every ``chunk`` steps of the model (CHUNK)."""
+    return -(-T // REGISTRY[model].chunk)
 
 
 def launch(expression: str, x: Tensor, args) -> None:
@@ -48,13 +48,15 @@ def _empty_state(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=state_dtype(x.dtype))
 
 
-def _forward_outputs(x: Tensor, num_states: int, store_v_seq: bool, save_checkpoints: bool):
+def _forward_outputs(x: Tensor, model: str, store_v_seq: bool, save_checkpoints: bool):
     acc = state_dtype(x.dtype)
+    num_states = REGISTRY[model].num_states
     T, n = x.shape[0], x[0].numel()
     v_last = x.new_empty(x.shape[1:], dtype=acc)
     aux_last = x.new_empty(x.shape[1:], dtype=acc) if num_states == 2 else _empty_state(x)
     v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0,))
-    checkpoints = x.new_empty((num_checkpoints(T), num_states, n) if save_checkpoints else (0,), dtype=acc)
+    checkpoints = x.new_empty((num_checkpoints(T, model), num_states, n) if save_checkpoints else (0,),
+                              dtype=acc)
     return torch.empty_like(x), v_last, aux_last, v_seq, checkpoints
 
 
@@ -67,7 +69,7 @@ def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, 
     checkpoints or empty. ``backward_form``, the surrogate arguments and ``param_grad_mask`` (the
     entries of ``params`` that are learnable) are kept for the backward."""
     m = REGISTRY[model]
-    spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, m.num_states, store_v_seq, save_checkpoints)
+    spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, model, store_v_seq, save_checkpoints)
     two = m.num_states == 2
     launch(forward_variant(m, x.dtype, form), x, [
         ("ptr", x), ("ptr", v_init), ("ptr", aux_init if two else None), ("ptr", spike), ("ptr", v_last),
@@ -80,7 +82,7 @@ def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, 
 @neuron_forward.register_fake
 def _(x, v_init, aux_init, params, model, form, backward_form, surrogate_id, surrogate_a, surrogate_b,
       param_grad_mask, store_v_seq, save_checkpoints):
-    return _forward_outputs(x, REGISTRY[model].num_states, store_v_seq, save_checkpoints)
+    return _forward_outputs(x, model, store_v_seq, save_checkpoints)
 
 
 def _backward_outputs(x: Tensor, num_states: int, num_params: int, param_grads: bool, want_grad_x: bool,

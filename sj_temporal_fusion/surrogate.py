@@ -1,6 +1,6 @@
 """SpikingJelly surrogate objects -> (integer id, two float parameters) for the kernels.
 
-The ids follow ``SG_*`` in csrc/lif_core.cuh; ``SURROGATES`` lists all 14 surrogate classes of
+The ids follow ``SG_*`` in csrc/surrogate.cuh; ``SURROGATES`` lists all 14 surrogate classes of
 SpikingJelly 0.0.0.0.14 (its cupy backend supports 8 of them).
 """
 from __future__ import annotations

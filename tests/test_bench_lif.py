@@ -122,10 +122,10 @@ def test_cuda_asked_for_but_absent():
 def test_tune_swaps_the_launch_shape_and_puts_it_back():
     from sj_temporal_fusion import _host
     from sj_temporal_fusion.bench import tune
-    flags, lanes = _host.FLAGS, _host.LANES
+    lanes = _host.LANES
     with tune.launch_shape(torch.device("cpu"), 1, 8):
-        assert "-DLIF_LANES=8" in _host.FLAGS and _host.LANES == 8
-    assert (_host.FLAGS, _host.LANES) == (flags, lanes)
+        assert "-DTF_LANES=8" in _host._flags(False, False) and _host.LANES == 8
+    assert _host.LANES == lanes and f"-DTF_LANES={lanes}" in _host._flags(False, False)
 
 
 def test_a_failing_case_is_an_error_row_and_rows_are_written_as_they_finish(tmp_path, monkeypatch):

@@ -4,18 +4,18 @@ adds global-memory traffic fails here."""
 import pytest
 import torch
 
-from sj_temporal_fusion import ops
 from sj_temporal_fusion.bench import traffic
+from sj_temporal_fusion.neurons import REGISTRY
 
-# Odd sizes: T = 37 is not a multiple of the 16-step checkpoint chunk (3 checkpoints, the last one
+# Odd sizes: T = 37 is not a multiple of the 16- or 8-step checkpoint chunk (the last one
 # partial), N = 131 = 2 * 64 + 3 leaves a partial lane group in the host build.
 T, N = 37, 131
 VARIANTS = list(traffic.variants())
 
 
 def _id(v):
-    extra = [name for name in ("store_v_seq", "grad_v_seq", "grad_v_last") if v[name]]
-    return "-".join([v["pass_"], v["dtype"], v["kind"]] + extra)
+    extra = [name for name in ("store_v_seq", "grad_v_seq", "grad_state_last", "learnable") if v[name]]
+    return "-".join([v["model"], v["pass_"], v["dtype"]] + extra)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[_id(v) for v in VARIANTS])
@@ -26,26 +26,39 @@ def test_counted_bytes_equal_design(variant):
         f"({counted.total / (T * N):.3f} vs {design.total / (T * N):.3f} bytes per neuron-step)")
 
 
-def test_variants_cover_the_matrix():
-    # dtypes x (forward-infer, forward-train) x store_v_seq x PLIF, and backward x grad_v_seq x
-    # grad_v_last x PLIF: 4 * 2 * (4 + 4) = 64.
-    assert len(VARIANTS) == 64
-    assert {v["dtype"] for v in VARIANTS} == {"fp32", "fp16", "bf16", "fp64"}
+def test_variants_cover_every_model():
+    # Per model and dtype: (forward-infer, forward-train) x store_v_seq, and backward x grad_v_seq x
+    # (no final-state gradient, final-state gradients, final-state gradients + learnable parameters).
+    assert {v["model"] for v in VARIANTS} == set(REGISTRY)
+    assert {v["dtype"] for v in VARIANTS if v["model"] == "lif"} == {"fp32", "fp16", "bf16", "fp64"}
+    assert len(VARIANTS) == 10 * (4 + 2 * 4)
 
 
-@pytest.mark.parametrize("dtype,infer,train", [
-    (torch.float32, 8.0, 20.5), (torch.float16, 4.0, 10.5), (torch.bfloat16, 4.0, 10.5),
-    (torch.float64, 16.0, 41.0)])
-def test_design_bytes_per_neuron_step(dtype, infer, train):
-    # Inference: read x, write spike. Training: 2 + 3 words and a 4-byte (fp64: 8) checkpoint
-    # written and read once per 16 steps.
-    assert traffic.words_per_neuron_step("infer", dtype) == infer
-    assert traffic.words_per_neuron_step("train", dtype) == train
+# Bytes per neuron-step in the long-T limit, per model: the numbers the README states.
+BYTES_PER_NEURON_STEP = {
+    ("lif", torch.float32): (8.0, 20.5), ("lif", torch.float16): (4.0, 10.5), ("lif", torch.bfloat16): (4.0, 10.5),
+    ("lif", torch.float64): (16.0, 41.0), ("qif", torch.float32): (8.0, 20.5), ("eif", torch.float32): (8.0, 20.5),
+    ("klif", torch.float32): (8.0, 21.0), ("izhikevich", torch.float32): (8.0, 22.0),
+    ("izhikevich", torch.bfloat16): (4.0, 12.0)}
+
+
+def test_every_model_states_its_bytes():
+    assert {m for m, _ in BYTES_PER_NEURON_STEP} == set(REGISTRY)
+
+
+@pytest.mark.parametrize("model,dtype", list(BYTES_PER_NEURON_STEP))
+def test_design_bytes_per_neuron_step(model, dtype):
+    # Inference: read x, write spike. Training: 2 + 3 words and a checkpoint of the S state
+    # variables (4 bytes each, fp64: 8) written and read once per chunk (16 steps, 8 for KLIF and
+    # Izhikevich).
+    infer, train = BYTES_PER_NEURON_STEP[(model, dtype)]
+    assert traffic.words_per_neuron_step("infer", dtype, model) == infer
+    assert traffic.words_per_neuron_step("train", dtype, model) == train
     # The exact model tends to it: per-neuron O(1) terms vanish as T grows, and at T = 16 * m
     # the checkpoints are exact.
     big_t = 16 * 4096
     for mode, want in (("infer", infer), ("train", train)):
-        got = traffic.step_traffic(mode, big_t, 7, dtype).total / (big_t * 7)
+        got = traffic.step_traffic(mode, big_t, 7, dtype, model).total / (big_t * 7)
         assert got == pytest.approx(want, rel=1e-3)
 
 
@@ -80,11 +93,14 @@ def test_unused_v_seq_costs_no_backward_traffic():
     assert v_seq is not None
     with traffic.counting() as launches:
         spike.sum().backward()
-    (entry, counted), = launches
-    assert entry == "tf_lif_backward"
-    assert counted.read <= traffic.backward_traffic(T, N, torch.float32, grad_v_last=True).read
+    (kernel, counted), = launches
+    assert kernel == "neuron_backward"
+    assert counted.read <= traffic.backward_traffic(T, N, torch.float32, grad_state_last=1).read
 
 
-def test_checkpoint_interval_matches_the_kernel():
-    from sj_temporal_fusion import _host
-    assert _host.library().tf_chunk() == ops.CHUNK
+@pytest.mark.parametrize("model", list(REGISTRY))
+def test_checkpoint_interval_matches_the_header(model):
+    from pathlib import Path
+    import sj_temporal_fusion
+    header = (Path(sj_temporal_fusion.__file__).parent / "csrc" / "neurons" / f"{model}.cuh").read_text()
+    assert f"CHUNK = {REGISTRY[model].chunk}," in header

@@ -24,13 +24,14 @@ def test_launch_problem_follows_the_compiled_registers_of_each_shape():
     except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
         pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
     names = tune.launched_kernels("train", torch.float32)
-    assert len(names) == 2 and names[1].startswith("lif_backward")
+    assert len(names) == 2 and names[1].startswith("neuron_backward")
     with tune.launch_shape(torch.device("cuda"), 512, 4):
-        assert "-DLIF_LANES=4" in _cuda.OPTIONS
+        assert "-DTF_LANES=4" in _cuda.OPTIONS and "-DTF_BLOCK=512" in _cuda.OPTIONS
         resources = tune.kernel_resources(names, "90")
-    assert "-DLIF_LANES=4" not in _cuda.OPTIONS  # the shipped shape is restored
+    assert "-DTF_LANES=4" not in _cuda.OPTIONS  # the shipped shape is restored
     for block in tune.CUDA_BLOCKS:
         problem = tune.launch_problem(block, resources)
         assert (problem is None) == all(_sass.fits(r.registers, block) for r in resources), (block, problem)
-    backward = resources[1]
-    assert backward.registers > max(r.registers for r in tune.kernel_resources(names, "90"))  # more lanes, more registers
+    backward, shipped = resources[1], tune.kernel_resources(names, "90")[1]
+    # more lanes need more storage: registers, or (bounded by __launch_bounds__) local memory
+    assert backward.registers > shipped.registers or backward.uses_local_memory

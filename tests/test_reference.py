@@ -57,6 +57,6 @@ def test_every_spikingjelly_surrogate_is_supported():
 
 def test_surrogate_ids_match_the_kernel_header():
     from pathlib import Path
-    header = (Path(specs.__file__).parent / "csrc" / "lif_core.cuh").read_text()
+    header = (Path(specs.__file__).parent / "csrc" / "surrogate.cuh").read_text()
     for index, (_, c_name, _) in enumerate(specs.SURROGATES):
         assert f"#define {c_name} {index}\n" in header

@@ -1,19 +1,24 @@
 """Global-memory traffic of the kernels: the bytes the design says each kernel moves, and the
-bytes the host build's counting variant (``-DLIF_COUNT_BYTES``: every global load and store in
-csrc/lif.cu goes through ``lif_load`` / ``lif_store``, which count) actually moves.
+bytes the host build's counting variant (``-DTF_COUNT_BYTES``: every global load and store in
+csrc/temporal.cu goes through ``tf_load`` / ``tf_store``, which count) actually moves.
 
-The design, per neuron-step, in words of the input dtype (w bytes; state s = 4 bytes, 8 for fp64):
+The design, per neuron-step, in words of the input dtype (w bytes), for a model with S state
+variables, a checkpoint every C steps (its header's CHUNK) and states of s bytes (4, 8 for fp64):
 
-    forward, inference   2 words              read x, write spike
-    forward, training    2 words + s/16       + a checkpoint of v every ops.CHUNK = 16 steps
-    backward             3 words + s/16       read x and grad_spike, write grad_x; read checkpoints
-    store_v_seq          +1 word forward      write v_seq
-    grad_v_seq given     +1 word backward     read it
+    forward, inference   2 words                read x, write spike
+    forward, training    2 words + S s / C      + a checkpoint of the state every C steps
+    backward             3 words + S s / C      read x and grad_spike, write grad_x; read checkpoints
+    store_v_seq          +1 word forward        write v_seq
+    grad_v_seq given     +1 word backward       read it
 
-plus per-neuron O(1) terms: v_init read and v_last write (forward); grad_v_last read when given,
-grad_v_init write, and PLIF's per-neuron dL/dk write in the state dtype (backward).
-``tests/test_bench_traffic.py`` asserts that the counted bytes equal these, so a kernel change that
-adds memory traffic fails CI. The same model is the numerator of the roofline in ``bench.lif``.
+so in the long-T limit (``words_per_neuron_step``), fp32 training moves 20.5 bytes per neuron-step
+for IF/LIF/PLIF, QIF and EIF (C = 16), 21 for KLIF (C = 8) and 22 for Izhikevich (S = 2, C = 8).
+Plus O(1) terms per neuron: the initial state read and the final state written (state dtype); the
+given final-state gradients read, the initial-state gradients written, and one row per learnable
+parameter of per-neuron gradients (backward); and per thread the model's parameters read.
+``tests/test_bench_traffic.py`` asserts that the counted bytes equal these for every model, so a
+kernel change that adds memory traffic fails CI. The same model is the numerator of the roofline
+in ``bench.lif``.
 
 CLI: ``python -m sj_temporal_fusion.bench traffic`` prints counted vs design for every variant.
 """
@@ -28,6 +33,8 @@ from pathlib import Path
 import torch
 
 from .. import _host, ops
+from ..neurons import REGISTRY
+from ..surrogate import DEFAULT_ID
 from . import harness
 
 FORWARD_WORDS = 2   # read x, write spike
@@ -52,50 +59,53 @@ def state_bytes(dtype: torch.dtype) -> int:
     return ops.state_dtype(dtype).itemsize
 
 
-def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool,
-                    store_v_seq: bool = False) -> Traffic:
-    """Design bytes of one ``lif_forward`` launch over x (T, N)."""
-    w = dtype.itemsize
-    read = T * N * w + N * w                   # x, v_init
-    written = T * N * w + N * w                # spike, v_last
+def _param_reads(N: int, dtype: torch.dtype, model: str) -> int:
+    # every (emulated) thread reads the model's parameters once
+    return -(-N // _host.LANES) * len(REGISTRY[model].params) * state_bytes(dtype)
+
+
+def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool, store_v_seq: bool = False,
+                    model: str = "lif") -> Traffic:
+    """Design bytes of one ``neuron_forward`` launch over x (T, N)."""
+    w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
+    read = T * N * w + S * N * s + _param_reads(N, dtype, model)   # x, initial state, parameters
+    written = T * N * w + S * N * s                                # spike, final state
     if store_v_seq:
-        written += T * N * w                   # v_seq
+        written += T * N * w                                       # v_seq
     if train:
-        written += ops.num_checkpoints(T) * N * state_bytes(dtype)
+        written += ops.num_checkpoints(T, model) * S * N * s
     return Traffic(read, written)
 
 
-def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = False,
-                     grad_v_last: bool = False, grad_k: bool = False) -> Traffic:
-    """Design bytes of one ``lif_backward`` launch over x (T, N)."""
-    w, s = dtype.itemsize, state_bytes(dtype)
-    read = 2 * T * N * w + ops.num_checkpoints(T) * N * s   # x, grad_spike, checkpoints
+def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = False, grad_state_last: int = 0,
+                     param_grads: int = 0, model: str = "lif") -> Traffic:
+    """Design bytes of one ``neuron_backward`` launch over x (T, N); ``grad_state_last``: how many
+    final-state gradients are given, ``param_grads``: how many learnable parameters."""
+    w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
+    read = 2 * T * N * w + ops.num_checkpoints(T, model) * S * N * s + _param_reads(N, dtype, model)
     if grad_v_seq:
         read += T * N * w
-    if grad_v_last:
-        read += N * w
-    written = T * N * w + N * w                              # grad_x, grad_v_init
-    if grad_k:
-        written += N * s                                     # PLIF: per-neuron dL/dk
+    read += grad_state_last * N * s
+    written = T * N * w + S * N * s + param_grads * N * s   # grad_x, initial-state grads, parameter grads
     return Traffic(read, written)
 
 
-def step_traffic(mode: str, T: int, N: int, dtype: torch.dtype) -> Traffic:
-    """Design bytes of one benchmark step of an LIF layer: 'infer' (forward, no grad) or 'train'
-    (forward with checkpoints + backward; an unused v_last brings no gradient to read)."""
+def step_traffic(mode: str, T: int, N: int, dtype: torch.dtype, model: str = "lif") -> Traffic:
+    """Design bytes of one benchmark step of a layer: 'infer' (forward, no grad) or 'train'
+    (forward with checkpoints + backward; an unused final state brings no gradient to read)."""
     if mode == "infer":
-        return forward_traffic(T, N, dtype, train=False)
+        return forward_traffic(T, N, dtype, train=False, model=model)
     if mode == "train":
-        return forward_traffic(T, N, dtype, train=True) + backward_traffic(T, N, dtype)
+        return forward_traffic(T, N, dtype, train=True, model=model) + backward_traffic(T, N, dtype, model=model)
     raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
 
 
-def words_per_neuron_step(mode: str, dtype: torch.dtype) -> float:
+def words_per_neuron_step(mode: str, dtype: torch.dtype, model: str = "lif") -> float:
     """The T -> infinity bytes per neuron-step of ``mode``, in bytes (not words)."""
-    w, s = dtype.itemsize, state_bytes(dtype)
+    w, s, m = dtype.itemsize, state_bytes(dtype), REGISTRY[model]
     if mode == "infer":
         return FORWARD_WORDS * w
-    return (FORWARD_WORDS + BACKWARD_WORDS) * w + 2 * s / ops.CHUNK
+    return (FORWARD_WORDS + BACKWARD_WORDS) * w + 2 * m.num_states * s / m.chunk
 
 
 # ---------------------------------------------------------------- counting
@@ -103,18 +113,18 @@ def words_per_neuron_step(mode: str, dtype: torch.dtype) -> float:
 @contextlib.contextmanager
 def counting():
     """Inside the block the custom ops run the byte-counting host build (single-threaded); each
-    launch appends ``(entry, Traffic)`` to the yielded list. CPU tensors only.
+    launch appends ``(kernel, Traffic)`` to the yielded list (kernel: neuron_forward ...). CPU
+    tensors only.
 
     It swaps ``_host.launch``, the one function through which ``ops`` reaches the host kernels,
-    for one that passes ``count_bytes=True`` and reads the counters around each launch."""
+    for one that passes ``count_bytes=True`` and reads the counters after each launch."""
     launches: list[tuple[str, Traffic]] = []
     original = _host.launch
 
-    def launch(entry, dtype, surrogate_id, args, count_bytes=False):
-        lib = _host.library(True)  # the very library _host.call(count_bytes=True) runs
-        lib.tf_reset_byte_counts()
-        original(entry, dtype, surrogate_id, args, count_bytes=True)
-        launches.append((entry, Traffic(int(lib.tf_bytes_read()), int(lib.tf_bytes_written()))))
+    def launch(expression, n, args, acc_is_double, count_bytes=False):
+        lib = original(expression, n, args, acc_is_double, count_bytes=True)
+        launches.append((expression.split("<")[0], Traffic(int(lib.tf_read_bytes()), int(lib.tf_written_bytes()))))
+        return lib
 
     _host.launch = launch
     try:
@@ -123,63 +133,68 @@ def counting():
         _host.launch = original
 
 
-def _only(launches, entry: str) -> Traffic:
-    found = [t for e, t in launches if e == entry]
+def _only(launches, kernel: str) -> Traffic:
+    found = [t for e, t in launches if e == kernel]
     if len(found) != 1:
-        raise RuntimeError(f"expected one launch of {entry}, saw {[e for e, _ in launches]}: "
+        raise RuntimeError(f"expected one launch of {kernel}, saw {[e for e, _ in launches]}: "
                            f"did ops stop launching through _host.launch?")
     return found[0]
 
 
-_LIF = dict(tau=1.25, keep=0.2, v_threshold=0.3, v_reset=0.0, decay_input=False, hard_reset=True,
-            detach_reset=False, surrogate_id=2, surrogate_a=4.0, surrogate_b=0.0)  # Fig. 5, Sigmoid(4)
+def _layer(model: str, dtype: torch.dtype, learnable: bool):
+    """A layer of ``model`` with its defaults (PLIF for 'lif' when ``learnable``), and its
+    parameter tensor and learnable mask as functional.neuron_multi_step builds them."""
+    from ..functional import parameter_tensor
+    m = REGISTRY[model]
+    o = dict(m.defaults)
+    if model == "lif":
+        o.update(kind="plif" if learnable else "lif", w=torch.tensor(-1.0, requires_grad=True), tau=1.25,
+                 decay_input=False, v_threshold=0.3)
+    if model == "klif":
+        o["k"] = torch.tensor(1.2, requires_grad=learnable)
+    params, mask = parameter_tensor(m.param_values(o), ops.state_dtype(dtype), torch.device("cpu"))
+    return m, o, params.detach(), mask if learnable else 0
 
 
-def _inputs(T: int, N: int, dtype: torch.dtype, kind: str, seed: int = 0):
+def _forward(model, x, dtype, *, train: bool, store_v_seq: bool, learnable: bool = False):
+    m, o, params, mask = _layer(model, dtype, learnable)
+    acc = ops.state_dtype(dtype)
+    z = [torch.zeros(x.shape[1:], dtype=acc) for _ in m.states]
+    aux = z[1] if m.num_states == 2 else torch.empty(0, dtype=acc)
+    out = ops.neuron_forward(x, z[0], aux, params, model, m.forward_form(o), m.form(o), DEFAULT_ID, 4.0, 0.0, mask,
+                             store_v_seq, train)
+    return out, params, m.form(o), mask
+
+
+def _input(T: int, N: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(T, N, generator=g, dtype=torch.float64) * 0.5 + 0.3).to(dtype)
-    v = torch.zeros(N, dtype=dtype)
-    k_tensor = _plif_k(0.2, dtype) if kind == "plif" else None
-    return x, v, k_tensor
+    return (torch.randn(T, N, generator=g, dtype=torch.float64) * 0.5 + 0.3).to(dtype)
 
 
-def _plif_k(k: float, dtype: torch.dtype) -> torch.Tensor:
-    # PLIF's decay as functional.lif_multi_step hands it to the ops: (sigmoid(w), 1 - sigmoid(w)).
-    return torch.tensor([k, 1.0 - k], dtype=ops.state_dtype(dtype))
-
-
-def _forward(x, v, k_tensor, *, train: bool, store_v_seq: bool):
-    kind = ops.Kind.PLIF if k_tensor is not None else ops.Kind.LIF
-    o = _LIF
-    return ops.lif_forward(x, v, k_tensor, o["tau"], o["keep"], o["v_threshold"], o["v_reset"], int(kind),
-                           o["decay_input"], o["hard_reset"], o["detach_reset"], o["surrogate_id"],
-                           o["surrogate_a"], o["surrogate_b"], store_v_seq, train)
-
-
-def count_forward(T: int, N: int, dtype: torch.dtype, *, kind: str = "lif", train: bool,
+def count_forward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", train: bool,
                   store_v_seq: bool = False) -> Traffic:
-    """Counted bytes of one ``sj_temporal_fusion::lif_forward`` launch."""
-    x, v, k_tensor = _inputs(T, N, dtype, kind)
+    """Counted bytes of one ``sj_temporal_fusion::neuron_forward`` launch."""
+    x = _input(T, N, dtype)
     with counting() as launches:
-        _forward(x, v, k_tensor, train=train, store_v_seq=store_v_seq)
-    return _only(launches, "tf_lif_forward")
+        _forward(model, x, dtype, train=train, store_v_seq=store_v_seq)
+    return _only(launches, "neuron_forward")
 
 
-def count_backward(T: int, N: int, dtype: torch.dtype, *, kind: str = "lif", grad_v_seq: bool = False,
-                   grad_v_last: bool = False) -> Traffic:
-    """Counted bytes of one ``sj_temporal_fusion::lif_backward`` launch (PLIF asks for dL/dk)."""
-    x, v, k_tensor = _inputs(T, N, dtype, kind)
-    _, _, _, checkpoints = _forward(x, v, k_tensor, train=True, store_v_seq=False)
+def count_backward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", grad_v_seq: bool = False,
+                   grad_state_last: bool = False, learnable: bool = False) -> Traffic:
+    """Counted bytes of one ``sj_temporal_fusion::neuron_backward`` launch."""
+    x = _input(T, N, dtype)
+    (_, _, _, _, checkpoints), params, form, mask = _forward(model, x, dtype, train=True, store_v_seq=False,
+                                                             learnable=learnable)
     g = torch.Generator().manual_seed(1)
-    grad = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    kind_id = ops.Kind.PLIF if k_tensor is not None else ops.Kind.LIF
-    o = _LIF
+    grad = lambda *shape, d=dtype: torch.randn(*shape, generator=g, dtype=torch.float64).to(d)  # noqa: E731
+    acc, two = ops.state_dtype(dtype), REGISTRY[model].num_states == 2
     with counting() as launches:
-        ops.lif_backward(grad(T, N), grad(T, N) if grad_v_seq else None, grad(N) if grad_v_last else None,
-                         x, checkpoints, k_tensor, o["tau"], o["keep"], o["v_threshold"], o["v_reset"],
-                         int(kind_id), o["decay_input"], o["hard_reset"], o["detach_reset"],
-                         o["surrogate_id"], o["surrogate_a"], o["surrogate_b"], k_tensor is not None)
-    return _only(launches, "tf_lif_backward")
+        ops.neuron_backward(grad(T, N), grad(T, N) if grad_v_seq else None,
+                            grad(N, d=acc) if grad_state_last else None,
+                            grad(N, d=acc) if grad_state_last and two else None, x, checkpoints, params, model,
+                            form, DEFAULT_ID, 4.0, 0.0, mask, True, False)
+    return _only(launches, "neuron_backward")
 
 
 def count_step(mode: str, T: int, N: int, dtype: torch.dtype) -> Traffic:
@@ -187,7 +202,7 @@ def count_step(mode: str, T: int, N: int, dtype: torch.dtype) -> Traffic:
     with the Fig. 5 neuron, and for 'train' ``spike.backward(grad)`` through autograd."""
     from ..functional import lif_multi_step
     from spikingjelly.activation_based import surrogate
-    x, _, _ = _inputs(T, N, dtype, "lif")
+    x = _input(T, N, dtype)
     kwargs = dict(kind="lif", tau=1.25, decay_input=False, v_threshold=0.3, v_reset=0.0,
                   surrogate_function=surrogate.Sigmoid(alpha=4.0))
     with counting() as launches:
@@ -210,28 +225,34 @@ VARIANT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 
 def variants():
-    """Every (pass, dtype, kind, store_v_seq, grad_v_seq, grad_v_last) the accounting covers."""
-    for dtype, kind in itertools.product(VARIANT_DTYPES, ("lif", "plif")):
-        for train, store in itertools.product((False, True), (False, True)):
-            yield dict(pass_="forward-train" if train else "forward-infer", dtype=dtype, kind=kind,
-                       store_v_seq=store, grad_v_seq=False, grad_v_last=False)
-        for gseq, glast in itertools.product((False, True), (False, True)):
-            yield dict(pass_="backward", dtype=dtype, kind=kind, store_v_seq=False, grad_v_seq=gseq,
-                       grad_v_last=glast)
+    """Every (model, pass, dtype, store_v_seq, grad_v_seq, grad_state_last, learnable) the
+    accounting covers: every model in fp32 and bf16 (every dtype for IF/LIF/PLIF)."""
+    for model in REGISTRY:
+        for dtype in VARIANT_DTYPES if model == "lif" else ("fp32", "bf16"):
+            for train, store in itertools.product((False, True), (False, True)):
+                yield dict(model=model, pass_="forward-train" if train else "forward-infer", dtype=dtype,
+                           store_v_seq=store, grad_v_seq=False, grad_state_last=False, learnable=False)
+            for gseq, glast, learn in itertools.product((False, True), (False, True), (False, True)):
+                if learn and not glast:
+                    continue
+                yield dict(model=model, pass_="backward", dtype=dtype, store_v_seq=False, grad_v_seq=gseq,
+                           grad_state_last=glast, learnable=learn)
 
 
 def measure_variant(v: dict, T: int, N: int) -> tuple[Traffic, Traffic]:
     """(counted, design) for one variant of ``variants()``."""
-    dtype = harness.DTYPES[v["dtype"]]
+    dtype, model = harness.DTYPES[v["dtype"]], v["model"]
     if v["pass_"] == "backward":
-        counted = count_backward(T, N, dtype, kind=v["kind"], grad_v_seq=v["grad_v_seq"],
-                                 grad_v_last=v["grad_v_last"])
-        design = backward_traffic(T, N, dtype, grad_v_seq=v["grad_v_seq"], grad_v_last=v["grad_v_last"],
-                                  grad_k=v["kind"] == "plif")
+        counted = count_backward(T, N, dtype, model=model, grad_v_seq=v["grad_v_seq"],
+                                 grad_state_last=v["grad_state_last"], learnable=v["learnable"])
+        mask = _layer(model, dtype, v["learnable"])[3]
+        design = backward_traffic(T, N, dtype, grad_v_seq=v["grad_v_seq"], model=model,
+                                  grad_state_last=REGISTRY[model].num_states if v["grad_state_last"] else 0,
+                                  param_grads=bin(mask).count("1"))
     else:
         train = v["pass_"] == "forward-train"
-        counted = count_forward(T, N, dtype, kind=v["kind"], train=train, store_v_seq=v["store_v_seq"])
-        design = forward_traffic(T, N, dtype, train=train, store_v_seq=v["store_v_seq"])
+        counted = count_forward(T, N, dtype, model=model, train=train, store_v_seq=v["store_v_seq"])
+        design = forward_traffic(T, N, dtype, train=train, store_v_seq=v["store_v_seq"], model=model)
     return counted, design
 
 
@@ -250,13 +271,13 @@ def main(args) -> dict:
                      "counted": asdict(counted), "design": asdict(design),
                      "counted_bytes_per_neuron_step": counted.total / (T * N),
                      "match": counted == design})
-    header = f"{'pass':<14}{'dtype':<6}{'kind':<5}{'v_seq':>6}{'g_vseq':>7}{'g_vlast':>8}" \
+    header = f"{'model':<11}{'pass':<14}{'dtype':<6}{'v_seq':>6}{'g_vseq':>7}{'g_last':>7}{'learn':>6}" \
              f"{'counted B/n-step':>18}{'design B/n-step':>17}  ok"
     print(f"global-memory traffic, T={T}, N={N} (host counting build)\n{header}")
     for r in rows:
         design_total = r["design"]["read"] + r["design"]["written"]
-        print(f"{r['pass']:<14}{r['dtype']:<6}{r['kind']:<5}{r['store_v_seq']!s:>6}{r['grad_v_seq']!s:>7}"
-              f"{r['grad_v_last']!s:>8}{r['counted_bytes_per_neuron_step']:>18.4f}"
+        print(f"{r['model']:<11}{r['pass']:<14}{r['dtype']:<6}{r['store_v_seq']!s:>6}{r['grad_v_seq']!s:>7}"
+              f"{r['grad_state_last']!s:>7}{r['learnable']!s:>6}{r['counted_bytes_per_neuron_step']:>18.4f}"
               f"{design_total / (T * N):>17.4f}  {'yes' if r['match'] else 'NO'}")
     payload = {"benchmark": "traffic", "environment": harness.finish_environment(
         harness.environment(torch.device("cpu"))), "rows": rows}

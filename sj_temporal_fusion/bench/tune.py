@@ -1,12 +1,12 @@
 """python -m sj_temporal_fusion.bench tune: sweep the kernels' launch shape and report the best.
 
     CUDA  threads per block (``_cuda.BLOCK``) x neurons per thread (``_cuda.LANES``, compiled in
-          as LIF_LANES; lanes of a thread are blockDim apart, so loads stay coalesced)
+          as TF_LANES; lanes of a thread are blockDim apart, so loads stay coalesced)
     CPU   neurons per emulated thread of the host build (``_host.LANES``: contiguous lanes, the
           vectorised loop; each value is one g++ build, about 10-20 s)
 
 A shape whose kernels cannot launch (registers per thread x threads per block above the SM's
-65,536-register file: fp32 ``lif_backward`` at 4 lanes uses ~174 registers, so 512 x 4 fails with
+65,536-register file: fp32 ``lif_backward`` at 4 lanes (before the launch bounds) uses ~174 registers, so 512 x 4 fails with
 CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) is skipped with the ptxas register count as the reason
 (``_sass``: the kernels compiled for the device's architecture with that shape's options); any
 other failure of one shape is recorded as an error row and the sweep goes on.
@@ -41,7 +41,7 @@ def launch_shape(device: torch.device, block: int, lanes: int):
         from .. import _cuda as build
         saved = (build.BLOCK, build.LANES, build.OPTIONS)
         build.BLOCK, build.LANES = block, lanes
-        build.OPTIONS = tuple(f"-DLIF_LANES={lanes}" if o.startswith("-DLIF_LANES=") else o for o in saved[2])
+        build.OPTIONS = build.options_for(block, lanes)
         build._function.cache_clear()
         try:
             yield
@@ -50,23 +50,25 @@ def launch_shape(device: torch.device, block: int, lanes: int):
             build._function.cache_clear()
     else:
         from .. import _host as build
-        saved = (build.LANES, build.FLAGS)
-        build.LANES = lanes
-        build.FLAGS = tuple(f"-DLIF_LANES={lanes}" if f.startswith("-DLIF_LANES=") else f for f in saved[1])
+        saved = build.LANES
+        build.LANES = lanes  # -DTF_LANES of every variant built from here on
         build.library.cache_clear()
         try:
             yield
         finally:
-            build.LANES, build.FLAGS = saved
+            build.LANES = saved
             build.library.cache_clear()
 
 
 def launched_kernels(mode: str, dtype: torch.dtype) -> list[str]:
     """Name expressions of the kernels one ``_step`` launches (Fig. 5 neuron: Sigmoid surrogate)."""
-    from .. import _cuda, surrogate as specs
-    names = [_cuda.name_expression("lif_forward", dtype)]
+    from .. import surrogate as specs, variants
+    from ..neurons import REGISTRY
+    model = REGISTRY["lif"]
+    options = dict(model.defaults, kind="lif", **lif.FIG5)
+    names = [variants.forward_variant(model, dtype, model.forward_form(options))]
     if mode == "train":
-        names.append(_cuda.name_expression("lif_backward", dtype, specs.spec(lif.surrogate()).id))
+        names.append(variants.backward_variant(model, dtype, specs.spec(lif.surrogate()).id, model.form(options), False))
     return names
 
 

@@ -43,8 +43,9 @@ TF_HD acc_t surrogate_grad(acc_t x, acc_t a, acc_t b) {
     case SG_ERF: return tf_exp(-((x * a) * (x * a))) * (a / acc_t(1.77245385090551602730));
     case SG_PIECEWISE_LEAKY_RELU: return ax < a ? one / a : b;  // a = w, b = c
     case SG_SQUAREWAVE_FOURIER_SERIES: {                         // a = n, b = T_period
-      acc_t w = acc_t(6.28318530717958647692) / b, g = zero;
-      for (int i = 1; i < (int)a; ++i) g += tf_cos(acc_t(2 * i - 1) * w * x);
+      // cos((2i - 1) 2 pi x / T_period) as cospi((2i - 1) 2 x / T_period)
+      acc_t w = acc_t(2) / b, g = zero;
+      for (int i = 1; i < (int)a; ++i) g += tf_cospi(acc_t(2 * i - 1) * w * x);
       return g * (acc_t(4) / b);
     }
     case SG_S2NN: {                                              // a = alpha, b = beta

@@ -23,6 +23,15 @@
 
 #define TF_RUNTIME -1  // template argument: decide at run time (the pointer is tested)
 
+// On the GPU every kernel is bounded to TF_BLOCK threads per block and TF_MIN_BLOCKS resident blocks
+// per SM (_cuda.py: half occupancy at 256 threads), so ptxas keeps it within 64 registers.
+#ifdef __CUDACC__
+// fp64 is for exactness, not speed: unbounded, so it does not spill.
+#define TF_KERNEL __global__ __launch_bounds__(TF_BLOCK, sizeof(scalar_t) == 8 ? 1 : TF_MIN_BLOCKS)
+#else
+#define TF_KERNEL __global__
+#endif
+
 template <typename scalar_t> using acc_type = typename acc_of<scalar_t>::type;
 
 template <class M, typename acc_t>
@@ -60,10 +69,10 @@ TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
                          scalar_t* __restrict__ v_seq, const acc_t* p, acc_t (*z)[TF_LANES],
                          const LaneRange& r, int t0, int len, long long N) {
 #if TF_GPU_SHAPE
-  acc_t xs[TF_CHUNK][TF_LANES];
-  CHUNK_UP(j, len) LANE_FOR(l, r.count) xs[j][l] = to_acc(tf_load(x, (long long)(t0 + j) * N + r.base + l * TF_LANE_STRIDE));
+  acc_t xs[CHUNK_OF(M)][TF_LANES];
+  CHUNK_UP(j, len, CHUNK_OF(M)) LANE_FOR(l, r.count) xs[j][l] = to_acc(tf_load(x, (long long)(t0 + j) * N + r.base + l * TF_LANE_STRIDE));
 #endif
-  CHUNK_UP(j, len) {
+  CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
     LANE_FOR(l, r.count) {
       const long long idx = row + l * TF_LANE_STRIDE;
@@ -87,7 +96,7 @@ TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
 }
 
 template <class M, typename scalar_t, int FORM>
-__global__ void neuron_forward(const scalar_t* __restrict__ x,
+TF_KERNEL void neuron_forward(const scalar_t* __restrict__ x,
                                const acc_type<scalar_t>* __restrict__ v_init,
                                const acc_type<scalar_t>* __restrict__ aux_init,  // S = 2
                                scalar_t* __restrict__ spike,
@@ -103,8 +112,8 @@ __global__ void neuron_forward(const scalar_t* __restrict__ x,
   load_params<M>(params, p);
   acc_t z[M::S][TF_LANES];
   load_state<M>(v_init, aux_init, N, z, r);
-  for (int c = 0; c * TF_CHUNK < T; ++c) {
-    const int t0 = c * TF_CHUNK, len = T - t0 < TF_CHUNK ? T - t0 : TF_CHUNK;
+  for (int c = 0; c * CHUNK_OF(M) < T; ++c) {
+    const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
     if (checkpoints)
       store_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
     if (v_seq) forward_chunk<M, FORM, true>(x, spike, v_seq, p, z, r, t0, len, N);
@@ -118,7 +127,7 @@ template <class M, int FORM, typename scalar_t, typename acc_t>
 TF_HD void backward_recompute(const scalar_t* __restrict__ x, const acc_t* p, acc_t (*z)[TF_LANES],
                               acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], const LaneRange& r,
                               int t0, int len, long long N) {
-  CHUNK_UP(j, len) {
+  CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
     LANE_FOR(l, r.count) {
       const acc_t xv = to_acc(tf_load(x, row + l * TF_LANE_STRIDE));
@@ -164,7 +173,7 @@ TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_
   const bool vseq = VSEQ == TF_RUNTIME ? grad_v_seq != 0 : VSEQ == 1;
   const bool gx_wanted = GX == TF_RUNTIME ? grad_x != 0 : GX == 1;
   const bool a_wanted = A == TF_RUNTIME ? a != 0 : A == 1;
-  CHUNK_DOWN(j, len) {
+  CHUNK_DOWN(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
     LANE_FOR(l, r.count) {
       const long long idx = row + l * TF_LANE_STRIDE;
@@ -193,7 +202,7 @@ TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_
 }
 
 template <class M, typename scalar_t, int SG, int FORM, bool PGRAD>
-__global__ void neuron_backward(const scalar_t* __restrict__ grad_spike,
+TF_KERNEL void neuron_backward(const scalar_t* __restrict__ grad_spike,
                                 const scalar_t* __restrict__ grad_v_seq,             // nullable
                                 const acc_type<scalar_t>* __restrict__ grad_v_last,    // nullable
                                 const acc_type<scalar_t>* __restrict__ grad_aux_last,  // nullable
@@ -221,9 +230,9 @@ __global__ void neuron_backward(const scalar_t* __restrict__ grad_spike,
 #pragma unroll
   for (int i = 0; i < (PGRAD ? M::NP : 1); ++i) LANE_FOR(l, r.count) gp[i][l] = acc_t(0);
   LANE_FOR(l, r.count) a[l] = acc_t(1);
-  acc_t zs[TF_CHUNK][M::S][TF_LANES], xs[TF_CHUNK][TF_LANES];  // one chunk, recomputed
-  for (int c = (T - 1) / TF_CHUNK; c >= 0; --c) {
-    const int t0 = c * TF_CHUNK, len = T - t0 < TF_CHUNK ? T - t0 : TF_CHUNK;
+  acc_t zs[CHUNK_OF(M)][M::S][TF_LANES], xs[CHUNK_OF(M)][TF_LANES];  // one chunk, recomputed
+  for (int c = (T - 1) / CHUNK_OF(M); c >= 0; --c) {
+    const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
     load_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
     backward_recompute<M, FORM>(x, p, z, zs, xs, r, t0, len, N);
     if (a_prod || !grad_x)  // time sharding: decided per pointer
@@ -261,7 +270,7 @@ TF_HD bool same_bits(double a, double b) {
 // whose h matched (steps before it were rewritten), or T if none did. With one state variable equal
 // h means equal spike and state from that step on; a model with more state cannot use it.
 template <class M, typename scalar_t, int FORM>
-__global__ void neuron_fixup(const scalar_t* __restrict__ x,
+TF_KERNEL void neuron_fixup(const scalar_t* __restrict__ x,
                              const acc_type<scalar_t>* __restrict__ v_true_init,
                              acc_type<scalar_t>* __restrict__ checkpoints,
                              scalar_t* __restrict__ spike,
@@ -284,9 +293,9 @@ __global__ void neuron_fixup(const scalar_t* __restrict__ x,
   }
   for (int t = 0; t < T; ++t) {
     const long long row = (long long)t * N + r.base;
-    if (t % TF_CHUNK == 0) {
+    if (t % CHUNK_OF(M) == 0) {
       // The true state before step t; once a lane has matched, its later checkpoints already agree.
-      const long long crow = (long long)(t / TF_CHUNK) * N + r.base;
+      const long long crow = (long long)(t / CHUNK_OF(M)) * N + r.base;
       LANE_FOR(l, r.count) if (len[l] == T) tf_store(checkpoints, crow + l * TF_LANE_STRIDE, vt[l]);
     }
     LANE_FOR(l, r.count) {

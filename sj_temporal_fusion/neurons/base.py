@@ -33,6 +33,7 @@ class NeuronModel:
     charge: Callable            # reference: (z tuple, x, options) -> h
     reset: Callable             # reference: (z tuple, h, s, s_detached, options) -> new z tuple
     shardable: bool = True      # one state variable: the time-sharded node can split it
+    chunk: int = 16             # steps between checkpoints (CHUNK in the header)
 
     @property
     def num_states(self) -> int:

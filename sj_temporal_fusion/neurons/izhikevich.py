@@ -44,4 +44,4 @@ MODEL = NeuronModel(
     node_options=node_options, validate=validate, form=reset_form_bits, forms=(0, 1, 2, 3), detach_bit=2,
     param_values=param_values,
     initial_state=lambda o: (0.0 if o["v_reset"] is None else float(o["v_reset"]), float(o["w_rest"])),
-    charge=charge, reset=reset, shardable=False)
+    charge=charge, reset=reset, chunk=8, shardable=False)

@@ -80,8 +80,14 @@ template <> TF_HD bf16_t from_acc<bf16_t>(float v) {
 // ---- math in the state precision ----
 TF_HD float tf_exp(float x) { return expf(x); }
 TF_HD double tf_exp(double x) { return exp(x); }
-TF_HD float tf_cos(float x) { return cosf(x); }
-TF_HD double tf_cos(double x) { return cos(x); }
+// cos(pi x): CUDA's cospi needs no large-argument reduction (cosf's slow path uses local memory).
+#ifdef __CUDACC__
+TF_HD float tf_cospi(float x) { return cospif(x); }
+TF_HD double tf_cospi(double x) { return cospi(x); }
+#else
+TF_HD float tf_cospi(float x) { return cosf(3.14159265358979323846f * x); }
+TF_HD double tf_cospi(double x) { return cos(3.14159265358979323846 * x); }
+#endif
 TF_HD float tf_pow(float x, float y) { return powf(x, y); }
 TF_HD double tf_pow(double x, double y) { return pow(x, y); }
 TF_HD float tf_abs(float x) { return fabsf(x); }

@@ -10,22 +10,23 @@
 #ifndef TF_LANES
 #define TF_LANES 1
 #endif
-#ifndef TF_CHUNK
-#define TF_CHUNK 16  // a checkpoint of the state every 16 steps; the backward keeps a chunk in registers
-#endif
+// A model keeps a checkpoint of its state every M::CHUNK steps (16, or 8 where a step's backward
+// needs more registers: two state variables, KLIF); the backward holds one chunk's states and
+// inputs in registers, so CHUNK bounds its register use.
+#define CHUNK_OF(M) ((int)M::CHUNK)
 
 #if defined(__CUDACC__) || defined(TF_EMULATE_GPU)
 #define TF_GPU_SHAPE 1
 #define TF_LANE_STRIDE ((long long)blockDim.x)
 #define LANE_FOR(l, nl) _Pragma("unroll") for (int l = 0; l < TF_LANES; ++l) if (l < (nl))
-#define CHUNK_UP(j, len) _Pragma("unroll") for (int j = 0; j < TF_CHUNK; ++j) if (j < (len))
-#define CHUNK_DOWN(j, len) _Pragma("unroll") for (int j = TF_CHUNK - 1; j >= 0; --j) if (j < (len))
+#define CHUNK_UP(j, len, C) _Pragma("unroll") for (int j = 0; j < (C); ++j) if (j < (len))
+#define CHUNK_DOWN(j, len, C) _Pragma("unroll") for (int j = (C) - 1; j >= 0; --j) if (j < (len))
 #else
 #define TF_GPU_SHAPE 0
 #define TF_LANE_STRIDE 1LL
 #define LANE_FOR(l, nl) _Pragma("omp simd") for (int l = 0; l < (nl); ++l)
-#define CHUNK_UP(j, len) for (int j = 0; j < (len); ++j)
-#define CHUNK_DOWN(j, len) for (int j = (len) - 1; j >= 0; --j)
+#define CHUNK_UP(j, len, C) for (int j = 0; j < (len); ++j)
+#define CHUNK_DOWN(j, len, C) for (int j = (len) - 1; j >= 0; --j)
 #endif
 #ifdef __CUDACC__
 #define TF_COUNT_READ(n) ((void)0)

@@ -1,7 +1,9 @@
 // What a neuron model is to the kernels (csrc/temporal.cu), and SpikingJelly's BaseNode reset,
 // which most models share. A model is a struct with
-//   S, NP, V_TH, V_RESET    state variables (z[0] is v, the one that fires), parameters, the
-//                           indices of v_threshold and v_reset among them;
+//   S, NP, V_TH, V_RESET    state variables (z[0] is v, the one that fires; at most two), parameters,
+//                           the indices of v_threshold and v_reset among them;
+//   CHUNK                   steps between checkpoints: the backward keeps a chunk's states and
+//                           inputs in registers, so a heavier step takes a shorter chunk (8 or 16);
 //   charge<FORM>(z, x, p)   -> h, the pre-spike v;
 //   reset<FORM>(z, h, s, p) z (the state before the step) becomes the state after it;
 //   reset_vjp<FORM>(z, h, s, p, gz, gh, gs, gz_prev, gp)

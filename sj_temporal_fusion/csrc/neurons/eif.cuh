@@ -6,7 +6,7 @@
 #include "neurons/base.cuh"
 
 struct EifModel {
-  enum { S = 1, NP = 6, TAU = 0, DELTA_T = 1, THETA_RH = 2, V_TH = 3, V_RESET = 4, V_REST = 5 };
+  enum { S = 1, NP = 6, CHUNK = 16, TAU = 0, DELTA_T = 1, THETA_RH = 2, V_TH = 3, V_RESET = 4, V_REST = 5 };
   template <int FORM> struct Form { enum { HARD = FORM & 1, DETACH = (FORM >> 1) & 1 }; };
 
   template <typename acc_t>

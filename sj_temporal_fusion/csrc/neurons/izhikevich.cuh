@@ -10,7 +10,7 @@
 #include "neurons/base.cuh"
 
 struct IzhikevichModel {
-  enum { S = 2, NP = 9, TAU = 0, V_C = 1, A0 = 2, V_TH = 3, V_RESET = 4, V_REST = 5, INV_TAU_W = 6,
+  enum { S = 2, NP = 9, CHUNK = 8, TAU = 0, V_C = 1, A0 = 2, V_TH = 3, V_RESET = 4, V_REST = 5, INV_TAU_W = 6,
          A = 7, B = 8 };
   template <int FORM> struct Form { enum { HARD = FORM & 1, DETACH = (FORM >> 1) & 1 }; };
 

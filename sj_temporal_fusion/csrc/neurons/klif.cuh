@@ -7,7 +7,7 @@
 #include "neurons/base.cuh"
 
 struct KlifModel {
-  enum { S = 1, NP = 4, TAU = 0, K = 1, V_TH = 2, V_RESET = 3 };
+  enum { S = 1, NP = 4, CHUNK = 8, TAU = 0, K = 1, V_TH = 2, V_RESET = 3 };
   template <int FORM> struct Form {
     enum { DECAY_INPUT = FORM & 1, HARD = (FORM >> 1) & 1, DETACH = (FORM >> 2) & 1, SCALE = (FORM >> 3) & 1 };
   };

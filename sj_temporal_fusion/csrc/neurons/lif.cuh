@@ -16,7 +16,7 @@
 #define LIF_H_KEEP 7         // v * keep + x  (keep = 1 - 1/tau in double, or 1 - k)
 
 struct LifModel {
-  enum { S = 1, NP = 5, TAU = 0, K = 1, KEEP = 2, V_TH = 3, V_RESET = 4 };
+  enum { S = 1, NP = 5, CHUNK = 16, TAU = 0, K = 1, KEEP = 2, V_TH = 3, V_RESET = 4 };
   template <int FORM> struct Form {
     enum { CHARGE = FORM & 7, HARD = (FORM >> 3) & 1, DETACH = (FORM >> 4) & 1 };
   };

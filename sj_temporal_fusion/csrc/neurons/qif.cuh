@@ -4,7 +4,7 @@
 #include "neurons/base.cuh"
 
 struct QifModel {
-  enum { S = 1, NP = 6, TAU = 0, V_C = 1, A0 = 2, V_TH = 3, V_RESET = 4, V_REST = 5 };
+  enum { S = 1, NP = 6, CHUNK = 16, TAU = 0, V_C = 1, A0 = 2, V_TH = 3, V_RESET = 4, V_REST = 5 };
   template <int FORM> struct Form { enum { HARD = FORM & 1, DETACH = (FORM >> 1) & 1 }; };
 
   template <int FORM, typename acc_t>
