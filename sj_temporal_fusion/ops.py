@@ -44,6 +44,17 @@ def launch(expression: str, x: Tensor, args) -> None:
         _host.launch(expression, n, args, x.dtype == torch.float64)
 
 
+def _check_params(params: Tensor, model: str, x: Tensor) -> None:
+    # A kernel reads NP values through this pointer: anything else would read out of bounds.
+    m = REGISTRY[model]
+    if not (isinstance(params, Tensor) and params.shape == (len(m.params),) and params.device == x.device
+            and params.dtype == state_dtype(x.dtype) and params.is_contiguous()):
+        got = f"{tuple(params.shape)} {params.dtype} on {params.device}" if isinstance(params, Tensor) else repr(params)
+        raise ValueError(f"params of model {model!r} must be a contiguous ({len(m.params)},) {state_dtype(x.dtype)} "
+                         f"tensor on {x.device} holding {m.params}, got {got}: build it with "
+                         f"functional.parameter_tensor")
+
+
 def _empty_state(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=state_dtype(x.dtype))
 
@@ -69,6 +80,7 @@ def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, 
     checkpoints or empty. ``backward_form``, the surrogate arguments and ``param_grad_mask`` (the
     entries of ``params`` that are learnable) are kept for the backward."""
     m = REGISTRY[model]
+    _check_params(params, model, x)
     spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, model, store_v_seq, save_checkpoints)
     two = m.num_states == 2
     launch(forward_variant(m, x.dtype, form), x, [
@@ -107,6 +119,7 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
     parameter gradients (NP, N) (only the rows in ``grad_params_mask`` are written) or empty, and
     (time sharding, one state variable) the product of the steps' carry factors (N,) or empty."""
     m = REGISTRY[model]
+    _check_params(params, model, x)
     param_grads = grad_params_mask != 0
     outs = _backward_outputs(x, m.num_states, len(m.params), param_grads, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
@@ -139,6 +152,7 @@ def neuron_fixup(x: Tensor, v_true_init: Tensor, checkpoints: Tensor, spike: Ten
     if not m.shardable:
         raise ValueError(f"model {model!r} has {m.num_states} state variables; the speculative fix-up "
                          f"needs one")
+    _check_params(params, model, x)
     fixup_len = torch.empty((x[0].numel(),), dtype=torch.int32, device=x.device)
     launch(fixup_variant(m, x.dtype, form), x, [
         ("ptr", x), ("ptr", v_true_init), ("ptr", checkpoints), ("ptr", spike), ("ptr", v_seq),

@@ -1,6 +1,7 @@
-"""The time-sharding kernels (csrc/shard.cu) in one process, host build: the speculative forward,
-the fix-up and the affine backward, against the one-device kernels (functional.lif_multi_step),
-bit for bit where the algorithm promises it."""
+"""The time-sharding kernels (csrc/temporal.cu's neuron_forward, neuron_fixup and neuron_backward
+with its carry factor) in one process, host build: the speculative forward, the fix-up and the
+affine backward, against the one-device kernels (functional.neuron_multi_step), bit for bit where
+the algorithm promises it, for every model with one state variable."""
 import pytest
 import torch
 from spikingjelly.activation_based import surrogate
@@ -9,9 +10,11 @@ import sj_temporal_fusion  # noqa: F401
 from sj_temporal_fusion import ops
 from sj_temporal_fusion.distributed import kernels as K
 from sj_temporal_fusion.distributed.scan import compose, scan_rounds
-from sj_temporal_fusion.functional import lif_multi_step
+from sj_temporal_fusion.functional import lif_multi_step, neuron_multi_step
+from sj_temporal_fusion.neurons import REGISTRY
 
 from _grid import DTYPES, RESETS, grad_tolerance
+from _models import MODELS
 
 KINDS = ["if", "lif", "plif"]
 
@@ -23,13 +26,13 @@ def _setup(kind, dtype, v_reset, decay_input, T=41, N=263, seed=0):
     options = dict(kind=kind, tau=1.7, decay_input=decay_input, v_threshold=0.4, v_reset=v_reset,
                    surrogate_function=surrogate.ATan(alpha=2.5))
     spec = K.NeuronSpec.from_options(w=w, **options)
-    k_tensor = K.plif_k_tensor(w, dtype) if kind == "plif" else None
+    k_tensor = K.neuron_parameters(dict(w=w, **options), x)[0]  # the parameter tensor
     return x, w, options, spec, k_tensor
 
 
 def _v0(x, v_reset):
-    # the one-device initial state: v_reset in x's dtype, then the state dtype
-    return torch.full((x.shape[1],), v_reset or 0.0, dtype=x.dtype).to(ops.state_dtype(x.dtype))
+    # the one-device initial state: v_reset (0 for soft reset) in the state dtype
+    return torch.full((x.shape[1],), v_reset or 0.0, dtype=ops.state_dtype(x.dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,7 +52,7 @@ def test_speculate_then_fix_up_equals_one_run_bitwise(dtype, kind, v_reset):
         L = K.shard_fixup(x2, v1, ck2, s2, vs2, v2, spec, k_tensor)
         assert torch.equal(torch.cat([s1, s2]), s_ref), (t0, guess)
         assert torch.equal(torch.cat([vs1, vs2]), vs_ref), (t0, guess)
-        assert torch.equal(v2.to(dtype), v_ref), (t0, guess)
+        assert torch.equal(v2, v_ref), (t0, guess)
         _, _, _, ck_true = K.shard_forward(x2, v1, spec, k_tensor, False, True)
         assert torch.equal(ck2, ck_true), (t0, guess)
         assert int(L.min()) >= 0 and int(L.max()) <= x2.shape[0]
@@ -123,9 +126,51 @@ def test_affine_maps_compose_like_the_sequential_carry():
 def test_kernels_are_in_the_nvrtc_list():
     from sj_temporal_fusion import _cuda
     names = _cuda.all_name_expressions()
-    for kernel in ("shard_forward", "shard_fixup"):
-        assert all(_cuda.name_expression(kernel, d) in names for d in _cuda.CUDA_TYPES)
-    assert sum(n.startswith("shard_backward<") for n in names) == 4 * 14
+    for model in REGISTRY.values():
+        fixups = [n for n in names if n.startswith(f"neuron_fixup<{model.struct},")]
+        assert len(fixups) == (4 * len({f & ~model.detach_bit for f in model.forms}) if model.shardable else 0)
+
+
+@pytest.mark.parametrize("model", [name for name, m in REGISTRY.items() if m.shardable])
+def test_every_one_state_model_shards_exactly(model):
+    """Speculate the second half of a sequence from a wrong state, fix it up from the true one:
+    spikes, v and the carry-affine backward equal the one-device run."""
+    mc = MODELS[model]
+    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 300, generator=g) * mc.x_scale + mc.x_shift
+    learn = {k: v.detach() for k, v in mc.learnable(options).items()}
+    full = dict(options, **learn)
+    s_ref, (v_ref,), _ = neuron_multi_step(x, model=model, **full)
+    spec = K.NeuronSpec.from_options(model=model, **full)
+    params = K.neuron_parameters(dict(full, model=model), x)[0]
+    v0 = torch.full((300,), spec.v_reset)
+    s1, v1, _, ck1 = K.shard_forward(x[:17].contiguous(), v0, spec, params, False, True)
+    x2 = x[17:].contiguous()
+    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.3), spec, params, False, True)
+    K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, params)
+    assert torch.equal(torch.cat([s1, s2]), s_ref)
+    if mc.exact:
+        assert torch.equal(v2, v_ref)
+    else:  # EIF on the host: the fix-up's scalar expf and the forward's vectorised (libmvec) expf round differently
+        torch.testing.assert_close(v2, v_ref, rtol=1e-5, atol=1e-6)
+    grad_spike = torch.randn(x.shape, generator=g)
+    x_ref = x.clone().requires_grad_()
+    (neuron_multi_step(x_ref, model=model, **full)[0] * grad_spike).sum().backward()
+    gx2, carry, _, _ = K.shard_backward(grad_spike[17:].contiguous(), None, None, None, x2, ck2, spec, params,
+                                        True, False)
+    gx1, gv0, _, _ = K.shard_backward(grad_spike[:17].contiguous(), None, None, carry, x[:17].contiguous(), ck1,
+                                      spec, params, True, False)
+    torch.testing.assert_close(torch.cat([gx1, gx2]), x_ref.grad, rtol=0 if mc.exact else 1e-5,
+                               atol=0 if mc.exact else 1e-6)
+    _, b, a, _ = K.shard_backward(grad_spike[:17].contiguous(), None, None, None, x[:17].contiguous(), ck1, spec,
+                                  params, False, True)
+    torch.testing.assert_close(a * carry + b, gv0, rtol=2e-5, atol=2e-6 * max(1.0, gv0.abs().max()))
+
+
+def test_a_model_with_two_state_variables_is_refused_by_name():
+    with pytest.raises(ValueError, match="'izhikevich'.*IzhikevichNode.*2 state variables"):
+        K.NeuronSpec.from_options(model="izhikevich")
 
 
 def test_eq5_and_its_optimum():

@@ -3,7 +3,7 @@ realistic inputs, what the sharding kernels cost on this device, and the modelle
 
 For each neuron configuration and input family, a layer of N neurons runs ``--warmup-steps``
 steps to a true state; the next ``--horizon`` steps are then run speculatively from v_reset (as a
-rank does) and fixed up from the true state by csrc/shard.cu's kernel. Reported per neuron: the
+rank does) and fixed up from the true state by csrc/temporal.cu's neuron_fixup. Reported per neuron: the
 fix-up length (steps re-run until the pre-spike h matched bitwise), its mean and quantiles, the
 mean over warps of 32 neurons of their longest fix-up, the maximum, and the share of neurons that
 never matched within the horizon. The arithmetic is bitwise the same on CPU and GPU, so these
@@ -108,12 +108,11 @@ def fixup_lengths(x: torch.Tensor, node, t0: int) -> tuple[torch.Tensor, float]:
     from ..spikingjelly import node_options
     options = node_options(node)
     spec = kernels.NeuronSpec.from_options(**options)
-    k_tensor = None
-    if options["kind"] == "plif":
-        k_tensor = kernels.plif_k_tensor(options["w"].detach().to(x.device), x.dtype)
+    with torch.no_grad():
+        k_tensor = kernels.neuron_parameters(options, x)[0]
     acc = state_dtype(x.dtype)
     N = x.shape[1]
-    v0 = torch.full((N,), spec.v_reset, dtype=x.dtype, device=x.device).to(acc)
+    v0 = torch.full((N,), spec.v_reset, dtype=acc, device=x.device)
     x1, x2 = x[:t0].contiguous(), x[t0:].contiguous()
     _, v_true, _, _ = kernels.shard_forward(x1, v0, spec, k_tensor, False, False)
     guess = torch.full_like(v0, spec.v_reset)  # what a rank without the true state starts from
@@ -137,31 +136,34 @@ def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: 
     at the measured lengths, the backward's light and final passes, and a state hop's copy."""
     from ..distributed import kernels
     from ..spikingjelly import node_options
-    spec = kernels.NeuronSpec.from_options(**node_options(node))
+    options = node_options(node)
+    spec = kernels.NeuronSpec.from_options(**options)
     out = {}
     flush = harness.CacheFlusher(device)
+    with torch.no_grad():
+        params = kernels.neuron_parameters(options, fix_x)[0]
     for T in (16, 128):
         x = torch.randn(T, N, device=device)
         v = torch.zeros(N, device=device)
-        t = harness.time_fn(lambda: kernels.shard_forward(x, v, spec, None, False, True), device, flush=flush)
+        t = harness.time_fn(lambda: kernels.shard_forward(x, v, spec, params, False, True), device, flush=flush)
         out[f"slice_forward_T{T}"] = dict(**t.summary(), gb_per_s=N * T * (8 + 4 / 16) / (t.median_ms / 1e3) / 1e9)
-        _, _, _, ck = kernels.shard_forward(x, v, spec, None, False, True)
+        _, _, _, ck = kernels.shard_forward(x, v, spec, params, False, True)
         gs = torch.randn(T, N, device=device)
-        t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, None, x, ck, spec, None, False, True,
-                                                           False), device, flush=flush)
+        t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, None, x, ck, spec, params, False,
+                                                           True), device, flush=flush)
         out[f"backward_light_T{T}"] = dict(**t.summary(), gb_per_s=N * T * 8 / (t.median_ms / 1e3) / 1e9)
         c = torch.randn(N, device=device)
-        t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, c, x, ck, spec, None, True, False,
+        t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, c, x, ck, spec, params, True,
                                                            False), device, flush=flush)
         out[f"backward_final_T{T}"] = dict(**t.summary(), gb_per_s=N * T * 12 / (t.median_ms / 1e3) / 1e9)
     # the fix-up at the lengths the measured inputs give (re-running it from fresh copies)
     x1, x2 = fix_x[:t0].contiguous(), fix_x[t0:].contiguous()
     v0 = torch.full((fix_x.shape[1],), spec.v_reset, device=device)
-    _, v_true, _, _ = kernels.shard_forward(x1, v0, spec, None, False, False)
-    spike, v_last, _, ck = kernels.shard_forward(x2, torch.full_like(v0, spec.v_reset), spec, None, False, True)
+    _, v_true, _, _ = kernels.shard_forward(x1, v0, spec, params, False, False)
+    spike, v_last, _, ck = kernels.shard_forward(x2, torch.full_like(v0, spec.v_reset), spec, params, False, True)
 
     def fix():
-        kernels.shard_fixup(x2, v_true, ck.clone(), spike, None, v_last.clone(), spec, None)
+        kernels.shard_fixup(x2, v_true, ck.clone(), spike, None, v_last.clone(), spec, params)
     t = harness.time_fn(fix, device, flush=flush)
     clone = harness.time_fn(lambda: (ck.clone(), v_last.clone()), device, flush=flush)
     out["fixup"] = dict(**t.summary(), clone_overhead_median_ms=clone.median_ms)
