@@ -202,11 +202,45 @@ def markdown(table: Table) -> str:
                         row.append(_with_paper(text, table.paper_value(arch, c, backend, f"{phase}_seconds")))
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _seeds_section(table)
     lines += _speedup_section(table)
     lines += _throughput_section(table)
     if table.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in table.notes] + [""]
     return "\n".join(lines)
+
+
+def _seeds_section(table: Table) -> list[str]:
+    """Every seed's best accuracy: two backends are alike when their means differ by less than
+    the seed-to-seed spread, which one run each cannot show."""
+    head = ["Architecture", "Dataset", "Method", "seeds", "best accuracy per seed", "mean ± std",
+            "min - max"]
+    rows = []
+    for arch in table.archs:
+        for c in table.ordered_columns():
+            for backend in table.backends:
+                run = table.get(arch, c, backend)
+                if run is None or not run["accuracy_meaningful"]:
+                    continue
+                acc = [r["best_accuracy"] for r in run["repeats"]]
+                s = run["summary"]
+                spread = f" ± {s['best_accuracy_std']:.2f}" if len(acc) > 1 else " (one seed: no spread)"
+                rows.append("| " + " | ".join([
+                    ARCH_LABELS[arch], c.title, METHODS[backend],
+                    ", ".join(str(r["seed"]) for r in run["repeats"]), ", ".join(f"{a:.2f}" for a in acc),
+                    f"{s['best_accuracy']:.2f}{spread}", f"{min(acc):.2f} - {max(acc):.2f}"]) + " |")
+    if not rows:
+        return []
+    lines = ["## Accuracy over seeds", "",
+             "Each seed fixes the initial weights (the same for every backend), the data order and "
+             "the Poisson spikes. The backends agree to rounding at the first step; from there Adam "
+             "turns rounding differences into different trajectories, so compare a backend's mean "
+             "with the others' against the seed-to-seed spread, not single runs.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows
+    if any(len(run["repeats"]) < 3 for run in table.runs.values() if run["accuracy_meaningful"]):
+        table.notes.append("fewer than 3 seeds in some cells: their accuracy differences cannot be "
+                           "told apart from seed-to-seed variation")
+    return lines + [""]
 
 
 def _speedup_section(table: Table) -> list[str]:
@@ -235,12 +269,15 @@ def _speedup_section(table: Table) -> list[str]:
 
 def _throughput_section(table: Table) -> list[str]:
     head = ["Architecture", "Dataset", "Method", "train data s/epoch", "test data s/epoch",
-            "train samples/s", "test samples/s", "warm-up s", "peak memory MiB", "run"]
+            "train samples/s", "test samples/s", "warm-up s", "peak memory MiB", "memory measured as", "run"]
     lines = ["## Data loading, throughput and memory", "",
              "Data: seconds per epoch spent waiting for the DataLoader and copying to the device. "
              "Samples/s: over compute time. Warm-up: the untimed first steps (kernel compilation, "
-             "library loading), once per run. Peak memory: CUDA allocator peak, or the process's "
-             "peak resident set on the CPU.", "",
+             "library loading), once per run. Peak memory: the CUDA allocator's peak of live tensor "
+             "bytes; on the CPU the process's peak resident set, which also holds the Python "
+             "runtime, the libraries, the dataset and pages glibc keeps after a free, so it is not "
+             "the tensor memory of a step: `python -m sj_temporal_fusion.bench net` measures that "
+             "(allocation events) for each backend side by side.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch in table.archs:
         for c in table.ordered_columns():
@@ -253,12 +290,22 @@ def _throughput_section(table: Table) -> list[str]:
                     ARCH_LABELS[arch], c.title, METHODS[backend], _seconds(s["train_data_seconds"]),
                     _seconds(s["test_data_seconds"]), f"{s['train_samples_per_s']:.1f}",
                     f"{s['test_samples_per_s']:.1f}", _seconds(run["warmup_seconds"]),
-                    f"{s['peak_memory_bytes'] / 2**20:.0f}",
+                    f"{s['peak_memory_bytes'] / 2**20:.0f}", _memory_kind(s.get("peak_memory_kind")),
                     f"`{run['path']}`"]) + " |")
     return lines + [""]
 
 
-CSV_FIELDS = ("accuracy", "accuracy_std", "train_seconds", "train_seconds_std", "test_seconds",
+def _memory_kind(kind: Optional[str]) -> str:
+    if not kind:
+        return "—"
+    if "cuda" in kind:
+        return "CUDA allocator peak"
+    if "resident" in kind or "rss" in kind.lower():
+        return "process peak RSS"
+    return kind
+
+
+CSV_FIELDS = ("accuracy", "accuracy_std", "accuracy_min", "accuracy_max", "seeds", "peak_memory_mib", "train_seconds", "train_seconds_std", "test_seconds",
               "test_seconds_std", "train_data_seconds",
               "test_data_seconds", "train_speedup_of_ours", "test_speedup_of_ours",
               "paper_accuracy", "paper_train_seconds", "paper_test_seconds")
@@ -278,6 +325,10 @@ def csv_rows(table: Table) -> list[dict]:
                 values = {
                     "accuracy": s.get("best_accuracy") if meaningful else None,
                     "accuracy_std": s.get("best_accuracy_std") if meaningful else None,
+                    "accuracy_min": min(r["best_accuracy"] for r in run["repeats"]) if meaningful else None,
+                    "accuracy_max": max(r["best_accuracy"] for r in run["repeats"]) if meaningful else None,
+                    "seeds": len(run["repeats"]) if run else None,
+                    "peak_memory_mib": s["peak_memory_bytes"] / 2**20 if run else None,
                     "train_seconds": s.get("train_seconds"), "test_seconds": s.get("test_seconds"),
                     "train_seconds_std": s.get("train_seconds_std"),
                     "test_seconds_std": s.get("test_seconds_std"),

@@ -6,76 +6,14 @@ carry). NCCL tests need two GPUs and are skipped elsewhere, saying so."""
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import queue
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from _grid import grad_tolerance
-
-SPAWN_TIMEOUT = 150  # s for one whole process group, import included; a hang fails, not blocks CI
-
-
-# ---------------------------------------------------------------- process-group harness
-
-def _entry(rank, k, init_file, q, fn, args):
-    import warnings
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")  # the parent reports what matters
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=k,
-                                timeout=datetime.timedelta(seconds=60))
-        q.put((rank, "ok", fn(rank, k, *args)))
-    except BaseException as exc:  # reported to the parent, which fails the test
-        q.put((rank, "raised", (type(exc).__name__, str(exc), traceback.format_exc())))
-    finally:
-        q.close()
-        q.join_thread()  # flush the result before leaving
-        os._exit(0)  # skip destroy_process_group: a peer may be dead on purpose
-
-
-def run_group(k, fn, *args, tmp_path, timeout=SPAWN_TIMEOUT, expect_dead=()):
-    """Run ``fn(rank, k, *args)`` on k spawned gloo ranks. Returns {rank: ("ok", result) or
-    ("raised", (type, message, traceback))}; ranks in ``expect_dead`` may report nothing."""
-    # Build the host library once here, so the ranks do not all wait on its file lock.
-    from sj_temporal_fusion import _host
-    _host.library()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init_file = tmp_path / f"init_{fn.__name__}_{k}_{time.monotonic_ns()}"
-    procs = [ctx.Process(target=_entry, args=(r, k, str(init_file), q, fn, args), daemon=True)
-             for r in range(k)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    want = set(range(k)) - set(expect_dead)
-    try:
-        while not want <= set(results):
-            try:
-                rank, status, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                missing = sorted(want - set(results))
-                pytest.fail(f"ranks {missing} of {k} reported nothing within {timeout} s (hung?)")
-            results[rank] = (status, payload)
-    finally:
-        for p in procs:
-            p.join(timeout=1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
-
-
-def results_ok(results):
-    failed = {r: v[1] for r, v in results.items() if v[0] != "ok"}
-    assert not failed, "\n".join(f"rank {r} raised {t}: {m}\n{tb}" for r, (t, m, tb) in failed.items())
-    return {r: v[1] for r, v in results.items()}
+from _group import SPAWN_TIMEOUT, results_ok, run_group  # noqa: F401  (spawned ranks import them)
 
 
 # ---------------------------------------------------------------- parity of one layer
@@ -243,27 +181,36 @@ def test_dead_or_silent_rank_fails_the_others_in_time(mode, tmp_path):
 
 
 MISMATCHES = {"shape": "per-step shape", "dtype": "torch.float64", "empty": "at least 2 time steps",
-              "T": "time_slice(6"}
+              "T": "time_slice(6", "T on one rank": "time_slice(6, 1, 2)",
+              "reset on one rank": "reset_net on every rank or on none"}
 
 
 def _mismatch_worker(rank, k):
     """Each scenario in its own layer; a mismatch is found after the headers are swapped, so the
-    group stays usable for the next scenario."""
-    from spikingjelly.activation_based import neuron
+    group stays usable for the next scenario. Both ranks must name it, also where only one rank's
+    input is wrong (the other learns it from the header, not from a timeout)."""
+    from spikingjelly.activation_based import functional, neuron
     import sj_temporal_fusion  # noqa: F401
     from sj_temporal_fusion.distributed import TimeShardedNode, TimeShardingError
     out = {}
     for what in MISMATCHES:
         node = TimeShardedNode(neuron.LIFNode(step_mode="m"), name=f"mismatch.{what}", timeout=20,
-                               T=6 if what == "T" else None)
+                               T=6 if what.startswith("T") else None)
         if what == "shape":
             x = torch.rand(3, 4, 5) if rank == 0 else torch.rand(3, 4, 6)
         elif what == "dtype":
             x = torch.rand(3, 4, dtype=torch.float32 if rank == 0 else torch.float64)
         elif what == "empty":
             x = torch.rand(3 if rank == 0 else 0, 4)
-        else:  # T=6 over 2 ranks is 3 + 3; these slices are 4 + 2
+        elif what == "T":  # T=6 over 2 ranks is 3 + 3; these slices are 4 + 2
             x = torch.rand(4 if rank == 0 else 2, 4)
+        elif what == "T on one rank":  # rank 0 is right, rank 1 has 2 steps instead of 3
+            x = torch.rand(3 if rank == 0 else 2, 4)
+        else:  # both run one call, then only rank 0 resets: rank 1 would continue the state
+            x = torch.rand(3, 4)
+            node(x)
+            if rank == 0:
+                functional.reset_net(node)
         try:
             node(x)
             out[what] = ("finished", "")
@@ -277,8 +224,9 @@ def test_mismatched_slices_are_clear_errors_on_both_sides(tmp_path):
     for rank, out in results.items():
         for what, needle in MISMATCHES.items():
             kind, message = out[what]
-            assert kind in ("TimeShardingError", "ValueError"), f"rank {rank}, {what}: {kind}"
-            assert needle in message and f"mismatch.{what}" in message, message
+            assert kind in ("TimeShardingError", "ValueError"), f"rank {rank}, {what}: {kind} {message}"
+            assert needle in message and f"mismatch.{what}" in message, (rank, what, message)
+            assert "failed after" not in message, f"rank {rank}, {what}: a timeout, not the mismatch: {message}"
 
 
 def test_time_slice_splits_exactly_and_rejects_short_sequences():

@@ -152,3 +152,15 @@ def test_wrong_results_fail_the_device(monkeypatch):
     ("a CUDA tensor was given but CuPy is not installed", "CuPy, which is missing")])
 def test_known_gpu_errors_are_explained(message, cause):
     assert cause in doctor.explain(RuntimeError(message), "cuda:0")[0]
+
+
+def test_gpu_vs_host_comparison_runs_its_subnormal_case():
+    """The GPU-vs-host comparison, run host against host: no differences, and its subnormal
+    columns really hold subnormal membrane potentials (what a flush-to-zero GPU build loses)."""
+    assert doctor.compare_gpu_with_host("cpu") == []
+    x, grad = doctor._case(torch.float32, "cpu", seed=1)
+    x[:, -doctor.DENORMAL_COLUMNS:] = 0
+    x[0, -doctor.DENORMAL_COLUMNS:] = 1e-37
+    _, v, _ = doctor._run(x, grad)
+    tail = v[:, -doctor.DENORMAL_COLUMNS:]
+    assert ((tail != 0) & (tail.abs() < torch.finfo(torch.float32).tiny)).any()

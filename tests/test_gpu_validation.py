@@ -36,13 +36,19 @@ def test_cpu_smoke_runs_every_stage_or_says_why_not(smoke):
     assert json.loads((out / "memory-cpu.json").read_text())["complete"]
     assert (out / "net-cpu.json").exists()
     assert report["smoke"] and report["commit"] and report["environment"]["versions"]["torch"]
+    # What a stage leaves unused passes on (pytest_gpu was skipped: its budget goes to bench_lif).
+    assert stages["bench_lif"]["budget_s"] >= gv.CPU_SMOKE_BUDGETS["bench_lif"] + gv.CPU_SMOKE_BUDGETS["pytest_gpu"]
+
+
+def test_full_run_fits_eight_minutes():
+    assert sum(gv.BUDGETS.values()) <= 8 * 60 - 10  # stages never exceed their budgets; 10 s for start-up
 
 
 def test_summary_digests_the_stages(smoke):
     _, out, _ = smoke
     md = (out / "summary.md").read_text()
     assert md.startswith("# GPU validation: ") and "CPU smoke run" in md
-    for text in ("| bench_lif | ok |", "| ncu | skipped |", "## bench lif (N = 4,099", "## bench memory",
+    for text in ("| bench_lif | ok | ", "| ncu | skipped | ", "## bench lif (N = 4,099", "## bench memory",
                  "## Spiking-ResNet18 step"):
         assert text in md
 

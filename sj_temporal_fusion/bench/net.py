@@ -5,7 +5,8 @@ Models: SpikingJelly 0.0.0.0.14's own ``spiking_resnet18/34/50`` in multi-step m
 paper's neuron (LIFNode tau = 1.25, decay_input = False, v_threshold = 0.3, v_reset = 0,
 Sigmoid(alpha = 4), as ``tests/_grid.py``), input (T, B, C, H, W) uniform in [0, 1), 10 classes,
 loss cross-entropy of the output averaged over T. Default: Spiking-ResNet18, T = 32, batch 4,
-1 x 28 x 28 (the first convolution takes ``--channels`` inputs), fp32.
+3 x 28 x 28 (MNIST's size, its one channel repeated to the model's three as in experiments/;
+``--channels`` other than 3 replaces the first convolution), fp32.
 
 Methods (one setup each, the same initial weights, input and labels):
     torch                        SpikingJelly's torch backend
@@ -70,7 +71,7 @@ class Skip(lif.Skip):
 
 # ---------------------------------------------------------------- setups
 
-def build_model(model: str, backend: str, channels: int = 1, num_classes: int = 10) -> torch.nn.Module:
+def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 10) -> torch.nn.Module:
     """SpikingJelly's spiking_resnet<depth> with the paper's LIF neuron, multi-step, on
     ``backend``, initial weights from seed 0; the first convolution takes ``channels`` inputs."""
     from spikingjelly.activation_based import functional, neuron, surrogate
@@ -348,7 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--T", type=int, default=32, help="time steps (default 32, Table 1)")
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4; Table 1 on GPU: 100)")
     p.add_argument("--image-size", type=int, default=28, help="input H = W (default 28, MNIST)")
-    p.add_argument("--channels", type=int, default=1, help="input channels (default 1, MNIST)")
+    p.add_argument("--channels", type=int, default=3,
+                   help="input channels (default 3: SpikingJelly's model unchanged)")
     p.add_argument("--reps", type=int, default=10, help="timed rounds at most (default 10)")
     p.add_argument("--min-reps", type=int, default=3, help="timed rounds at least (default 3)")
     p.add_argument("--warmup", type=int, default=3,

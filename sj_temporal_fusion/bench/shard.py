@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import harness
+from . import shard_model as model
 
 CONFIGS = {
     # name: (node class name, kwargs)
@@ -198,7 +199,6 @@ def run(device: torch.device, configs, inputs, dtypes, N: int, resnet_batch: int
 
 
 def main(args) -> dict:
-    from ..distributed import model
     device = harness.resolve_device(args.device)
     configs = harness.parse_names(args.configs, CONFIGS, "configuration")
     inputs = harness.parse_names(args.inputs, INPUTS, "input")

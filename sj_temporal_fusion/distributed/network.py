@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spikingjelly import NODES, fusable
 from .node import TimeShardedNode
-from .transport import DEFAULT_TIMEOUT, transport_for
+from .transport import DEFAULT_TIMEOUT, all_gather, all_reduce_
 
 
 class _AllGather(torch.autograd.Function):
@@ -28,14 +28,14 @@ class _AllGather(torch.autograd.Function):
     ranks of the gradients of that row."""
 
     @staticmethod
-    def forward(ctx, x, transport, what, timeout):
-        ctx.transport, ctx.what, ctx.timeout = transport, what, timeout
-        return transport.all_gather(x, what, timeout)
+    def forward(ctx, x, group, what, timeout):
+        ctx.group, ctx.what, ctx.timeout = group, what, timeout
+        return all_gather(x, group, what, timeout)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = ctx.transport.all_reduce_(grad.contiguous().clone(), ctx.what + " (backward)", ctx.timeout)
-        return grad[ctx.transport.rank], None, None, None
+        grad = all_reduce_(grad.contiguous().clone(), ctx.group, ctx.what + " (backward)", ctx.timeout)
+        return grad[dist.get_rank(ctx.group)], None, None, None
 
 
 class _TimeSum(torch.autograd.Function):
@@ -43,8 +43,8 @@ class _TimeSum(torch.autograd.Function):
     the loss's gradient unchanged (no reduction in the backward)."""
 
     @staticmethod
-    def forward(ctx, x, transport, what, timeout):
-        return transport.all_reduce_(x.clone(), what, timeout)
+    def forward(ctx, x, group, what, timeout):
+        return all_reduce_(x.clone(), group, what, timeout)
 
     @staticmethod
     def backward(ctx, grad):
@@ -54,26 +54,27 @@ class _TimeSum(torch.autograd.Function):
 def time_sum(y_local: Tensor, group: Optional[dist.ProcessGroup] = None,
              timeout: float = DEFAULT_TIMEOUT) -> Tensor:
     """y_local (T_j, *) -> the sum over all T steps (*), the same on every rank."""
-    transport = transport_for(y_local.device, group)
-    return _TimeSum.apply(y_local.sum(0), transport, "time_sum", timeout)
+    return _TimeSum.apply(y_local.sum(0), group, "time_sum", timeout)
 
 
 def time_mean(y_local: Tensor, group: Optional[dist.ProcessGroup] = None,
               timeout: float = DEFAULT_TIMEOUT) -> Tensor:
     """y_local (T_j, *) -> the mean over all T steps (*), the same on every rank (the usual
     ``y.mean(0)`` of a SpikingJelly classifier)."""
-    transport = transport_for(y_local.device, group)
-    T = transport.all_reduce_(torch.tensor([float(y_local.shape[0])], device=y_local.device),
-                              "time_mean: the total number of steps", timeout)
+    T = all_reduce_(torch.tensor([float(y_local.shape[0])], device=y_local.device), group,
+                    "time_mean: the total number of steps", timeout)
     return time_sum(y_local, group, timeout) / T.item()
 
 
 class TimeSyncBatchNorm(nn.Module):
-    """Batch norm whose training statistics cover the whole time group: the (T*B, C, ...) batch of
-    a multi-step network, as on one device. Takes over the parameters and buffers of ``bn`` (the
-    same tensors, so an optimiser built before still holds them). Ranks exchange per-channel
-    (count, mean, M2) and merge them in rank order (Chan et al.), which is as accurate as a
-    two-pass variance; evaluation uses the running statistics and exchanges nothing."""
+    """Batch norm whose training statistics cover every rank of ``group``: the (T*B, C, ...) batch
+    of a time-sharded multi-step network, or the global batch of data-parallel training
+    (``experiments/model.py`` uses it for that), as on one device. Takes over the parameters and
+    buffers of ``bn`` (the same tensors, so an optimiser built before still holds them). Ranks
+    exchange per-channel (count, mean, M2) and merge them in rank order (Chan et al.), which is as
+    accurate as a two-pass variance; statistics are computed in at least fp32 (as batch norm
+    under autocast). Evaluation uses the running statistics and exchanges nothing; so does a
+    process without an initialised process group or in a group of one."""
 
     def __init__(self, bn: _BatchNorm, group: Optional[dist.ProcessGroup] = None, *,
                  name: str = "", timeout: float = DEFAULT_TIMEOUT):
@@ -100,14 +101,19 @@ class TimeSyncBatchNorm(nn.Module):
         if not self.training and self.track_running_stats:
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                             False, 0.0, self.eps)
-        transport = transport_for(x.device, self.group)
+        out_dtype = x.dtype
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         dims = [0] + list(range(2, x.dim()))
         n_local = x.numel() // x.shape[1]
         mean = x.mean(dims)
         m2 = (x - mean.reshape(1, -1, *([1] * (x.dim() - 2)))).square().sum(dims)
         count = torch.full_like(mean, float(n_local))
-        stats = _AllGather.apply(torch.stack([count, mean, m2]), transport,
-                                 f"batch norm '{self.name}' statistics", self.timeout)
+        stats = torch.stack([count, mean, m2])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            stats = _AllGather.apply(stats, self.group, f"batch norm '{self.name}' statistics",
+                                     self.timeout)
+        else:
+            stats = stats.unsqueeze(0)
         counts, means, m2s = stats[:, 0], stats[:, 1], stats[:, 2]
         n = counts.sum(0)
         g_mean = (counts * means).sum(0) / n
@@ -124,7 +130,7 @@ class TimeSyncBatchNorm(nn.Module):
         y = (x - g_mean.reshape(view)) * torch.rsqrt(var + self.eps).reshape(view)
         if self.affine:
             y = y * self.weight.reshape(view) + self.bias.reshape(view)
-        return y
+        return y.to(out_dtype)
 
 
 # Stateful SpikingJelly modules other than the three neurons carry state across time steps that
@@ -170,7 +176,7 @@ def sync_gradients(params: Union[nn.Module, Iterable[nn.Parameter]],
             buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
     for (_, device), grads in buckets.items():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        transport_for(device, group).all_reduce_(flat, "sync_gradients", timeout)
+        all_reduce_(flat, group, "sync_gradients", timeout)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

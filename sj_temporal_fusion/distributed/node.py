@@ -39,8 +39,14 @@ from .transport import DEFAULT_TIMEOUT, TimeShardingError, Transport, transport_
 _LAYER_IDS = itertools.count()
 TAG_STRIDE = 64   # tags of one layer: layer_id * 64 + phase
 TAG_HEADER, TAG_STATE, TAG_CONTINUE = 0, 1, 2
-_MAGIC = 0x5354_4653  # "STFS"
+_MAGIC = 0x5354_4654  # "STFT"
 _HEADER_DIMS = 8
+# Header: magic, layer id, group size, slice length, per-step ndim, dtype, crc32 of the per-step
+# shape, this rank's verdict on its own slice, the slice length T= asks for (-1: no T=), whether
+# the node continues the previous call's state, then up to 8 per-step dims (-1 padded).
+_H_MAGIC, _H_LAYER, _H_SIZE, _H_STEPS, _H_NDIM, _H_DTYPE, _H_CRC, _H_STATUS, _H_WANT, _H_CONT = range(10)
+_H_DIMS = 10
+_OK, _EMPTY, _WRONG_T = 0, 1, 2
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
@@ -66,7 +72,7 @@ def shard_input(x_seq: Tensor, group: Optional[dist.ProcessGroup] = None) -> Ten
 class _ShardedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v0, k_tensor, layer, spec: NeuronSpec, transport: Transport, store_v_seq: bool,
-                needs_grad: bool):
+                needs_grad: bool, param_mask: int):
         T, N = x.shape
         j, k = transport.rank, transport.size
         acc = ops.state_dtype(x.dtype)
@@ -88,19 +94,18 @@ class _ShardedLIF(torch.autograd.Function):
         if j < k - 1:
             transport.send(v_last, j + 1, tag, layer.describe(
                 f"forward: the membrane state leaving this rank's slice, to rank {j + 1}"), layer.timeout)
-        # gloo: wait until the neighbour has it (it posted the receive after its speculative slice,
-        # so this rarely waits), or a rank that exits after a forward-only call could drop it.
-        # NCCL: a no-op, the send is stream-ordered on its side stream.
-        transport.flush()
+        # gloo: wait until the neighbour has it, or a rank that exits after a forward-only call
+        # could drop it; NCCL: retire what completed (flush in the backward and at exit).
+        transport.forward_done()
         layer.last_fixup_len = fixup_len
-        ctx.layer, ctx.spec, ctx.transport = layer, spec, transport
+        ctx.layer, ctx.spec, ctx.transport, ctx.param_mask = layer, spec, transport, param_mask
         if needs_grad:
             ctx.save_for_backward(x, checkpoints, k_tensor)
         if v_seq is None:
             v_seq = x.new_empty((0, N))
         if not store_v_seq:
             ctx.mark_non_differentiable(v_seq)
-        return spike, v_last.to(x.dtype), v_seq
+        return spike, v_last, v_seq  # the state stays in the state dtype, as on one device
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -125,15 +130,12 @@ class _ShardedLIF(torch.autograd.Function):
         carry = exclusive_affine_scan(own, transport, layer.layer_id * TAG_STRIDE,
                                       layer.describe("backward"), layer.timeout,
                                       like=x.new_empty((N,), dtype=acc))
-        want_k = k_tensor is not None and ctx.needs_input_grad[2]
-        grad_x, grad_v0, _, grad_k = kernels.shard_backward(
-            grad_spike, g_seq, g_last, carry, x, checkpoints, spec, k_tensor, True, False, want_k)
+        mask = ctx.param_mask if ctx.needs_input_grad[2] else 0
+        grad_x, grad_v0, _, grad_params = kernels.shard_backward(
+            grad_spike, g_seq, g_last, carry, x, checkpoints, spec, k_tensor, True, False, mask)
         transport.flush()  # the scan's sends, so a rank whose neighbour died fails too
-        grad_v0 = grad_v0.to(x.dtype) if ctx.needs_input_grad[1] else None
-        grad_k_total = None
-        if want_k:  # as ops._backward: 1 - k is a function of k, its own entry gets no gradient
-            grad_k_total = torch.stack([grad_k.sum(), grad_k.new_zeros(())]).to(k_tensor.dtype)
-        return grad_x, grad_v0, grad_k_total, None, None, None, None, None
+        grad_v0 = grad_v0 if ctx.needs_input_grad[1] else None
+        return grad_x, grad_v0, grad_params, None, None, None, None, None, None
 
 
 class TimeShardedNode(nn.Module):
@@ -159,11 +161,12 @@ class TimeShardedNode(nn.Module):
                  T: Optional[int] = None, name: Optional[str] = None, timeout: Optional[float] = None):
         super().__init__()
         if not isinstance(node, NODES):
-            raise TypeError(f"TimeShardedNode wraps IFNode, LIFNode or ParametricLIFNode, got "
-                            f"{type(node).__name__}")
+            raise TypeError(f"TimeShardedNode wraps one of the neurons the backend serves "
+                            f"({', '.join(c.__name__ for c in NODES)}), got {type(node).__name__}")
         if not fusable(node):
             raise TypeError(f"{type(node).__name__} overrides the neuron dynamics; time sharding runs "
-                            f"the stock IF/LIF/PLIF kernels only")
+                            f"the stock dynamics only")
+        NeuronSpec.from_options(**node_options(node))  # a model it cannot split is refused by name
         self.node = node
         self.group = group
         self.T = T
@@ -208,47 +211,78 @@ class TimeShardedNode(nn.Module):
                     p99=q[2].item(), max=int(L.max().item()),
                     unmatched=int((L == T).sum().item()) if T is not None else None)
 
-    def _exchange_headers(self, transport: Transport, x: Tensor) -> None:
-        """Neighbours swap (layer, group size, slice length, per-step shape, dtype) and check them,
-        so a mismatch is a clear error on both sides instead of a hang."""
+    def _exchange_headers(self, transport: Transport, x: Tensor, status: int, want: int,
+                          continuing: bool) -> None:
+        """Neighbours swap headers (layer, group size, slice length, per-step shape, dtype, each
+        rank's verdict on its own slice, whether it continues the previous call's state) on every
+        call, whatever the transport: NCCL pairs messages in issue order and ignores tags, so
+        whether a message is sent must not depend on a value one rank alone knows. The exchange
+        completes on both sides (sends included) before anything is checked, so both ranks of a
+        pair learn a mismatch, and raise, before either can tear the connection down."""
         j, k = transport.rank, transport.size
         shape = tuple(x.shape[1:])
         dims = list(shape[:_HEADER_DIMS]) + [-1] * (_HEADER_DIMS - min(len(shape), _HEADER_DIMS))
-        mine = torch.tensor([_MAGIC, self.layer_id, k, x.shape[0], len(shape), _DTYPE_CODES[x.dtype],
-                             zlib.crc32(repr(shape).encode())] + dims, dtype=torch.int64,
-                            device=x.device)
-        tag = self.layer_id * TAG_STRIDE + TAG_HEADER
+        mine = [0] * _H_DIMS + dims
+        mine[_H_MAGIC], mine[_H_LAYER], mine[_H_SIZE], mine[_H_STEPS] = _MAGIC, self.layer_id, k, x.shape[0]
+        mine[_H_NDIM], mine[_H_DTYPE] = len(shape), _DTYPE_CODES[x.dtype]
+        mine[_H_CRC] = zlib.crc32(repr(shape).encode())
+        mine[_H_STATUS], mine[_H_WANT], mine[_H_CONT] = status, want, int(continuing)
         peers = [p for p in (j - 1, j + 1) if 0 <= p < k]
-        bufs = {p: torch.empty_like(mine) for p in peers}
-        transport.exchange([(mine, p, self.describe(f"forward: shape header to rank {p}")) for p in peers],
-                           [(bufs[p], p, self.describe(f"forward: shape header from rank {p}")) for p in peers],
-                           tag, self.timeout)
-        received = {p: b.cpu() for p, b in bufs.items()}
+        received = {}
+        if peers:
+            header = torch.tensor(mine, dtype=torch.int64, device=x.device)
+            bufs = {p: torch.empty_like(header) for p in peers}
+            transport.exchange(
+                [(header, p, self.describe(f"forward: shape header to rank {p}")) for p in peers],
+                [(bufs[p], p, self.describe(f"forward: shape header from rank {p}")) for p in peers],
+                self.layer_id * TAG_STRIDE + TAG_HEADER, self.timeout, complete=True)
+            received = {p: b.cpu().tolist() for p, b in bufs.items()}
+        self._check_own_slice(j, k, x.shape[0], status, want)
         names = {v: kk for kk, v in _DTYPE_CODES.items()}
+        where = f"time-sharded rank {j}: {self.describe('forward')}"
         for p, h in received.items():
-            h = h.tolist()
-            if h[0] != _MAGIC or h[1] != self.layer_id:
+            if h[_H_MAGIC] != _MAGIC or h[_H_LAYER] != self.layer_id:
                 raise TimeShardingError(
-                    f"time-sharded rank {j}: {self.describe('forward')} (layer id {self.layer_id}) "
-                    f"met rank {p} in layer id {h[1]}: every rank must construct and call the same "
-                    f"TimeShardedNodes in the same order")
-            if h[2] != k:
-                raise TimeShardingError(f"time-sharded rank {j}: rank {p} sees a group of {h[2]} "
-                                        f"ranks, this rank {k}")
-            their_shape = tuple(h[7:7 + min(h[4], _HEADER_DIMS)])
-            if h[6] != mine[6].item() or h[4] != len(shape):
+                    f"{where} (layer id {self.layer_id}) met rank {p} in layer id {h[_H_LAYER]}: every "
+                    f"rank must construct and call the same TimeShardedNodes in the same order")
+            if h[_H_SIZE] != k:
+                raise TimeShardingError(f"{where}: rank {p} sees a group of {h[_H_SIZE]} ranks, this rank {k}")
+            their_shape = tuple(h[_H_DIMS:_H_DIMS + min(h[_H_NDIM], _HEADER_DIMS)])
+            if h[_H_CRC] != mine[_H_CRC] or h[_H_NDIM] != len(shape):
                 raise TimeShardingError(
-                    f"time-sharded rank {j}: {self.describe('forward')}: this rank's slice has per-step "
-                    f"shape {shape} but rank {p}'s has {their_shape}: every rank passes a (T_j, *) "
-                    f"slice of the same sequence, so * must agree")
-            if h[5] != _DTYPE_CODES[x.dtype]:
+                    f"{where}: this rank's slice has per-step shape {shape} but rank {p}'s has "
+                    f"{their_shape}: every rank passes a (T_j, *) slice of the same sequence, so * must agree")
+            if h[_H_DTYPE] != mine[_H_DTYPE]:
                 raise TimeShardingError(
-                    f"time-sharded rank {j}: {self.describe('forward')}: this rank's slice is "
-                    f"{x.dtype} but rank {p}'s is {names.get(h[5])}")
-            if h[3] < 1:
+                    f"{where}: this rank's slice is {x.dtype} but rank {p}'s is {names.get(h[_H_DTYPE])}")
+            if h[_H_STATUS] == _EMPTY:
                 raise TimeShardingError(
-                    f"time-sharded rank {j}: {self.describe('forward')}: rank {p} has an empty slice; "
-                    f"a group of {k} ranks needs at least {k} time steps")
+                    f"{where}: rank {p} has an empty slice; a group of {k} ranks needs at least {k} time steps")
+            if h[_H_STATUS] == _WRONG_T:
+                theirs = time_slice(self.T, p, k) if self.T is not None and self.T >= k else None
+                raise TimeShardingError(
+                    f"{where}: rank {p} got {h[_H_STEPS]} steps but T={self.T} over {k} ranks gives it "
+                    f"{h[_H_WANT]}" + (f" (time_slice({self.T}, {p}, {k}) = steps {theirs.start}.."
+                                       f"{theirs.stop - 1})" if theirs is not None else ""))
+            if h[_H_CONT] != int(continuing):
+                state = {True: "continues the previous call's state", False: "starts from a reset state"}
+                raise TimeShardingError(
+                    f"{where}: rank {p} {state[bool(h[_H_CONT])]} but this rank "
+                    f"{state[continuing]}: call spikingjelly.activation_based.functional.reset_net on "
+                    f"every rank or on none")
+
+    def _check_own_slice(self, j: int, k: int, steps: int, status: int, want: int) -> None:
+        if status == _EMPTY:
+            raise ValueError(f"time-sharded rank {j}: {self.describe('forward')}: this rank's slice is "
+                             f"empty; a group of {k} ranks needs at least {k} time steps")
+        if status == _WRONG_T:
+            if self.T < k:
+                time_slice(self.T, j, k)  # raises: T cannot be split over k ranks
+            s = time_slice(self.T, j, k)
+            raise ValueError(
+                f"time-sharded rank {j}: {self.describe('forward')} got {steps} steps, but "
+                f"T={self.T} over {k} ranks gives this rank {want} "
+                f"(time_slice({self.T}, {j}, {k}) = steps {s.start}..{s.stop - 1})")
 
     def forward(self, x_local: Tensor) -> Tensor:
         node = self.node
@@ -260,28 +294,25 @@ class TimeShardedNode(nn.Module):
         if x_local.dtype not in ops.SUPPORTED_DTYPES:
             raise TypeError(f"{self.name}: time sharding takes float16/bfloat16/float32/float64, got "
                             f"{x_local.dtype}")
-        transport = transport_for(x_local.device, self.group)
+        transport = transport_for(x_local.device, self.group, self.timeout)
         j, k = transport.rank, transport.size
         shape = tuple(x_local.shape[1:])
-        if transport.validates_every_call or self._validated_shape != tuple(x_local.shape):
-            self._exchange_headers(transport, x_local)
-        if x_local.shape[0] == 0:
-            raise ValueError(f"time-sharded rank {j}: {self.describe('forward')}: this rank's slice is "
-                             f"empty; a group of {k} ranks needs at least {k} time steps")
+        status, want = _OK, -1
         if self.T is not None:
-            want = time_slice(self.T, j, k)
-            if x_local.shape[0] != want.stop - want.start:
-                raise ValueError(
-                    f"time-sharded rank {j}: {self.describe('forward')} got {x_local.shape[0]} steps, but "
-                    f"T={self.T} over {k} ranks gives this rank {want.stop - want.start} "
-                    f"(time_slice({self.T}, {j}, {k}) = steps {want.start}..{want.stop - 1})")
+            want = self.T // k + (1 if j < self.T % k else 0) if self.T >= k else 0
+        if x_local.shape[0] == 0:
+            status = _EMPTY
+        elif self.T is not None and x_local.shape[0] != want:
+            status = _WRONG_T
+        self._exchange_headers(transport, x_local, status, want, isinstance(node.v, Tensor))
         self._validated_shape = tuple(x_local.shape)
         T_j = x_local.shape[0]
         x = x_local.reshape(T_j, -1).contiguous()
         N = x.shape[1]
         options = node_options(node)
         spec = NeuronSpec.from_options(**options)
-        k_tensor = kernels.plif_k_tensor(options["w"], x.dtype) if spec.kind == ops.Kind.PLIF else None
+        k_tensor, param_mask = kernels.neuron_parameters(options, x)  # the parameter tensor
+        acc = ops.state_dtype(x.dtype)
 
         v0 = None
         if isinstance(node.v, Tensor):
@@ -292,25 +323,25 @@ class TimeShardedNode(nn.Module):
                     f"on every rank before changing the input shape")
             # Continuing in time: rank 0 starts where the last rank ended.
             if k == 1:
-                v0 = node.v.to(x.dtype).reshape(-1)
+                v0 = node.v.to(acc).reshape(-1)
             elif j == k - 1:
-                transport.send(node.v.detach().to(x.dtype).reshape(-1).contiguous(), 0,
+                transport.send(node.v.detach().to(acc).reshape(-1).contiguous(), 0,
                                self.layer_id * TAG_STRIDE + TAG_CONTINUE,
                                self.describe("forward: the final state of the previous call, to rank 0"),
                                self.timeout)
             elif j == 0:
-                buf = x.new_empty((N,))
+                buf = x.new_empty((N,), dtype=acc)
                 v0 = transport.wait(transport.recv(
                     buf, k - 1, self.layer_id * TAG_STRIDE + TAG_CONTINUE,
                     self.describe(f"forward: the final state of the previous call from rank {k - 1} "
                                   f"(is the node reset on some ranks only?)"), self.timeout))
         elif j == 0:
-            v0 = x.new_full((N,), float(node.v))
+            v0 = x.new_full((N,), float(node.v), dtype=acc)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (v0 is not None and v0.requires_grad)
-            or (k_tensor is not None and k_tensor.requires_grad))
+            or param_mask != 0)
         spike, v_last, v_seq = _ShardedLIF.apply(x, v0, k_tensor, self, spec, transport,
-                                                 bool(node.store_v_seq), needs_grad)
+                                                 bool(node.store_v_seq), needs_grad, param_mask)
         node.v = v_last.reshape(shape)
         if node.store_v_seq:
             node.v_seq = v_seq.reshape(x_local.shape)

@@ -1,4 +1,4 @@
-"""Speedup models for time sharding: the paper's Eq. (5) (Fig. 4) and a prediction of its Fig. 6
+"""Speedup models for time sharding (used by ``bench shard`` only, so they live beside it): the paper's Eq. (5) (Fig. 4) and a prediction of its Fig. 6
 (time of one 1M-neuron LIF layer against GPU count) for the algorithm implemented here.
 
 Nothing in this module is measured. ``predict`` combines
@@ -91,7 +91,7 @@ def predict(N: int, T: int, k: int, fix: Fixup, hw: Hardware = Hardware(), train
 
 def fig4(path, ratios=(1e2, 1e3, 1e4), k_max: int = 32) -> None:
     """Eq. (5) against k for three Ts/Tc ratios, optimum marked (the paper's missing Fig. 4)."""
-    from ..bench import harness
+    from . import harness
     plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ks = list(range(1, k_max + 1))
@@ -115,7 +115,7 @@ def fig6(path, fix: Fixup, hw: Hardware = Hardware(), N: int = 1_000_000,
          Ts=(8, 16, 32, 64, 128, 256, 512, 1024), ks=range(1, 9), source: str = "") -> list[dict]:
     """Modelled time of one LIF layer against GPU count for each T (forward, and forward +
     backward), from measured fix-up lengths and the stated ``hw``. Returns the points."""
-    from ..bench import harness
+    from . import harness
     plt = harness.pyplot()
     rows = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)

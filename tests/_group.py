@@ -1,0 +1,72 @@
+"""Spawned process groups for the distributed tests: ``run_group(k, fn, *args)`` runs
+``fn(rank, k, *args)`` on k gloo ranks of this machine and collects what each returned or raised."""
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+SPAWN_TIMEOUT = 150  # s for one whole process group, import included; a hang fails, not blocks CI
+
+
+# ---------------------------------------------------------------- process-group harness
+
+def _entry(rank, k, init_file, q, fn, args):
+    import warnings
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # the parent reports what matters
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=k,
+                                timeout=datetime.timedelta(seconds=60))
+        q.put((rank, "ok", fn(rank, k, *args)))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        q.put((rank, "raised", (type(exc).__name__, str(exc), traceback.format_exc())))
+    finally:
+        q.close()
+        q.join_thread()  # flush the result before leaving
+        os._exit(0)  # skip destroy_process_group: a peer may be dead on purpose
+
+
+def run_group(k, fn, *args, tmp_path, timeout=SPAWN_TIMEOUT, expect_dead=()):
+    """Run ``fn(rank, k, *args)`` on k spawned gloo ranks. Returns {rank: ("ok", result) or
+    ("raised", (type, message, traceback))}; ranks in ``expect_dead`` may report nothing."""
+    # Build the host library once here, so the ranks do not all wait on its file lock.
+    from sj_temporal_fusion import _host
+    _host.library()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init_file = tmp_path / f"init_{fn.__name__}_{k}_{time.monotonic_ns()}"
+    procs = [ctx.Process(target=_entry, args=(r, k, str(init_file), q, fn, args), daemon=True)
+             for r in range(k)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout
+    want = set(range(k)) - set(expect_dead)
+    try:
+        while not want <= set(results):
+            try:
+                rank, status, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                missing = sorted(want - set(results))
+                pytest.fail(f"ranks {missing} of {k} reported nothing within {timeout} s (hung?)")
+            results[rank] = (status, payload)
+    finally:
+        for p in procs:
+            p.join(timeout=1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results
+
+
+def results_ok(results):
+    failed = {r: v[1] for r, v in results.items() if v[0] != "ok"}
+    assert not failed, "\n".join(f"rank {r} raised {t}: {m}\n{tb}" for r, (t, m, tb) in failed.items())
+    return {r: v[1] for r, v in results.items()}

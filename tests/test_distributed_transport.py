@@ -1,0 +1,252 @@
+"""The transports (sj_temporal_fusion/distributed/transport.py) under NCCL's rules on the CPU.
+
+``nccl_emulation`` stands in for CuPy's ``nccl`` module and the CUDA streams, so the CuPy NCCL
+transport itself runs here: messages pair by issue order with tags ignored (the node's protocol
+must never let one rank send a message its peer does not expect), CuPy 14's and CuPy 13's set-up
+signatures, ranks on different devices, a missing library, ranks that never answer, failures
+inside an NCCL group, the watchdog's device and its abort racing an enqueue."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from _group import results_ok, run_group
+import test_distributed as td
+
+
+def _install(rank, k, timeout=30.0, device=None, **emulation):
+    """This rank's CPU tensors go through NcclTransport over the emulation; returns it."""
+    from sj_temporal_fusion.distributed import nccl_emulation as emu, transport as tr
+    nccl = emu.EmulatedNccl(**emulation)
+    t = tr.NcclTransport(None, device or torch.device("cpu"), timeout, nccl=nccl,
+                         streams=emu.HostStreams())
+    tr.use_transport(t, torch.device("cpu"))
+    return t
+
+
+# ---------------------------------------------------------------- the node's protocol, NCCL rules
+
+def _nccl_rules_worker(rank, k, api, cases):
+    import sj_temporal_fusion  # noqa: F401
+    from spikingjelly.activation_based import neuron
+    from sj_temporal_fusion.distributed import TimeShardedNode, time_slice
+    t = _install(rank, k, api=api)
+    problems, _ = td._parity_worker(rank, k, cases)
+    # The slice length changes between calls that continue the state (T 5 -> 6 -> 9): only some
+    # ranks' slice shapes change, so a header sent only on a shape change would shift every
+    # later message on a pair.
+    ref = neuron.LIFNode(tau=1.5, v_threshold=0.4, step_mode="m", backend="temporal_fusion")
+    node = TimeShardedNode(neuron.LIFNode(tau=1.5, v_threshold=0.4, step_mode="m"), name="nccl.T",
+                           timeout=30)
+    g = torch.Generator().manual_seed(7)
+    for T in (5, 6, 9, 6):
+        x = torch.randn(T, 3, 11, generator=g) * 0.6 + 0.3
+        with torch.no_grad():
+            want = ref(x)
+            got = node(x[time_slice(T, rank, k)])
+        if not torch.equal(got, want[time_slice(T, rank, k)]):
+            problems.append(f"T={T} after a change of slice length: spikes differ")
+    t.flush()
+    return problems, t.comm.violations
+
+
+@pytest.mark.parametrize("k,api", [(2, 14), (3, 13)])
+def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path):
+    """A third of the gloo parity grid (every kind, reset and dtype; forward, backward, a
+    continued second call) over the CuPy NCCL transport with NCCL's pairing rules."""
+    cases = td.parity_cases(k)[::3]
+    results = results_ok(run_group(k, _nccl_rules_worker, api, cases, tmp_path=tmp_path))
+    problems = [p for r in sorted(results) for p in results[r][0]]
+    assert not problems, f"{len(problems)} mismatches on {k} ranks:\n" + "\n".join(problems[:40])
+    assert all(not results[r][1] for r in results), results
+
+
+def _mismatch_under_nccl_worker(rank, k):
+    _install(rank, k, timeout=20)
+    return td._mismatch_worker(rank, k)
+
+
+def test_mismatches_are_clear_errors_on_both_sides_under_nccl_rules(tmp_path):
+    results = results_ok(run_group(2, _mismatch_under_nccl_worker, tmp_path=tmp_path, timeout=120))
+    for rank, out in results.items():
+        for what, needle in td.MISMATCHES.items():
+            kind, message = out[what]
+            assert kind in ("TimeShardingError", "ValueError"), f"rank {rank}, {what}: {kind} {message}"
+            assert needle in message and f"mismatch.{what}" in message, (rank, what, message)
+
+
+# ---------------------------------------------------------------- communicator set-up
+
+def _setup_worker(rank, k, api, available):
+    from sj_temporal_fusion.distributed import TimeShardingError
+    start = time.monotonic()
+    try:
+        # Ranks sit on different GPUs: the id must not be published under a device-specific key.
+        t = _install(rank, k, timeout=10, device=torch.device("cuda", rank), api=api,
+                     available=available[rank])
+    except TimeShardingError as exc:
+        return "TimeShardingError", str(exc), time.monotonic() - start
+    mine = torch.full((1000,), float(rank))
+    theirs = torch.empty(1000)
+    peer = (rank + 1) % k
+    t.exchange([(mine, peer, "id test")], [(theirs, (rank - 1) % k, "id test")], 0, 10, complete=True)
+    return "ok", theirs[0].item(), time.monotonic() - start
+
+
+@pytest.mark.parametrize("api", [14, 13])
+def test_communicator_set_up_with_cupy_14_and_13_signatures(api, tmp_path):
+    results = results_ok(run_group(2, _setup_worker, api, [True, True], tmp_path=tmp_path, timeout=90))
+    for rank, (status, value, _) in results.items():
+        assert status == "ok", value
+        assert value == float((rank - 1) % 2)
+
+
+def test_missing_nccl_is_named_on_every_rank(tmp_path):
+    results = results_ok(run_group(2, _setup_worker, 14, [True, False], tmp_path=tmp_path, timeout=90))
+    for rank, (status, message, elapsed) in results.items():
+        assert status == "TimeShardingError", (rank, message)
+        assert "rank 1: CuPy found no NCCL library" in message and "nvidia-nccl" in message, message
+        assert elapsed < 10, f"rank {rank} waited {elapsed:.1f} s to learn it"
+
+
+def _silent_worker(rank, k, where):
+    from sj_temporal_fusion.distributed import TimeShardingError
+    start = time.monotonic()
+    if rank == 1 and where == "check-in":
+        time.sleep(20)  # never reaches the set-up within the others' timeout
+        return "slept", "", 0.0
+    try:
+        _install(rank, k, timeout=3, init_delay_s=20 if (rank == 1 and where == "init") else 0.0)
+    except TimeShardingError as exc:
+        return "TimeShardingError", str(exc), time.monotonic() - start
+    return "finished", "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("where", ["check-in", "init"])
+def test_set_up_waits_are_bounded_when_a_rank_never_answers(where, tmp_path):
+    """A rank that never checks in, or whose ncclCommInitRank never returns: the others fail
+    within their timeout (3 s), naming the step, instead of hanging in the store or in NCCL."""
+    results = run_group(2, _silent_worker, where, tmp_path=tmp_path, timeout=60, expect_dead=(1,))
+    status, payload = results[0]
+    assert status == "ok", payload
+    kind, message, elapsed = payload
+    assert kind == "TimeShardingError", (kind, message)
+    assert elapsed < 3 + 5, f"rank 0 took {elapsed:.1f} s: {message}"
+    assert ("rank1" in message) if where == "check-in" else ("ncclCommInitRank" in message), message
+
+
+# ---------------------------------------------------------------- one rank: waits, groups, watchdog
+
+def _one_rank_worker(rank, k, scenario):
+    from sj_temporal_fusion.distributed import TimeShardingError
+    t0 = time.monotonic()
+    if scenario == "lone receive":
+        t = _install(rank, k, timeout=1.0)
+        header = torch.full((18,), -7, dtype=torch.int64)
+        out = []
+        for attempt in range(2):  # the first raises after the timeout, the second at once
+            try:
+                t.exchange([], [(header, 0, "a header nobody sends")], 0, 1.0, complete=True)
+                out.append(("returned", header.tolist(), time.monotonic() - t0))
+            except TimeShardingError as exc:
+                out.append(("TimeShardingError", str(exc), time.monotonic() - t0))
+        return out
+    if scenario == "failure inside a group":
+        t = _install(rank, k, fail_on_send=1)
+        try:
+            t.exchange([(torch.ones(4), 0, "s")], [(torch.empty(4), 0, "r")], 0, 5.0)
+            raised = None
+        except TimeShardingError as exc:
+            raised = str(exc)
+        try:  # the transport knows it is out of step and says so, instead of hanging
+            t.exchange([(torch.ones(4), 0, "s")], [(torch.empty(4), 0, "r")], 0, 5.0)
+            again = None
+        except TimeShardingError as exc:
+            again = str(exc)
+        return raised, again, t.nccl.open_groups()
+    if scenario == "watchdog device":
+        t = _install(rank, k)
+        x, y = torch.ones(8), torch.empty(8)
+        t.exchange([(x, 0, "s")], [(y, 0, "r")], 0, 5.0, complete=True)
+        time.sleep(0.1)
+        watchdog = t._thread.ident
+        return (watchdog in t.streams.query_threads, watchdog in t.streams.device_threads)
+    if scenario == "abort during enqueue":
+        # A lone receive times out at 1.0 s while the host spends 0.5 .. 2.5 s enqueueing another
+        # operation: the watchdog must not abort the communicator under it.
+        t = _install(rank, k)
+        t.recv(torch.empty(4), 0, 0, "lone", 1.0)
+        time.sleep(0.5)
+        t.nccl.enqueue_delay_s = 2.0
+        try:
+            t.recv(torch.empty(4), 0, 0, "slow to enqueue", 30.0)
+            raised = None
+        except TimeShardingError as exc:
+            raised = str(exc)
+        time.sleep(0.3)  # the watchdog records the error, then aborts once the enqueue is done
+        return raised, t.comm.violations, t.comm.aborted
+    if scenario == "asynchronous error":
+        # A send of 16 bytes meets a receive of 32: NCCL reports it asynchronously; the watchdog
+        # must notice it long before the 30 s timeout.
+        t = _install(rank, k)
+        try:
+            t.exchange([(torch.ones(4), 0, "s")], [(torch.empty(8), 0, "r")], 0, 30.0)
+            time.sleep(1.0)
+            t.flush()
+            return "no error", time.monotonic() - t0
+        except TimeShardingError as exc:
+            return str(exc), time.monotonic() - t0
+    if scenario == "flush":
+        # A send alone (side stream) that nobody receives: flush must wait for it, bounded.
+        t = _install(rank, k)
+        t.send(torch.ones(4), 0, 0, "unreceived send", 1.0)
+        try:
+            t.flush()
+            return "returned", time.monotonic() - t0
+        except TimeShardingError as exc:
+            return str(exc), time.monotonic() - t0
+    raise ValueError(scenario)
+
+
+def _one_rank(scenario, tmp_path):
+    return results_ok(run_group(1, _one_rank_worker, scenario, tmp_path=tmp_path, timeout=60))[0]
+
+
+def test_lone_receive_times_out_and_never_hands_out_garbage(tmp_path):
+    (first, msg1, t1), (second, msg2, t2) = _one_rank("lone receive", tmp_path)
+    assert first == second == "TimeShardingError", (msg1, msg2)
+    assert "a header nobody sends" in msg1 and "did not complete" in msg1, msg1
+    assert 0.9 < t1 < 4.0, t1
+    assert t2 - t1 < 0.5 and msg2 == msg1
+
+
+def test_failure_inside_an_nccl_group_closes_the_group(tmp_path):
+    raised, again, open_groups = _one_rank("failure inside a group", tmp_path)
+    assert raised is not None and "injected failure" in raised, raised
+    assert open_groups == 0, "groupStart without groupEnd: every later NCCL call of the thread hangs"
+    assert again is not None and "injected failure" in again
+
+
+def test_watchdog_selects_the_device_before_querying_events(tmp_path):
+    queried, selected = _one_rank("watchdog device", tmp_path)
+    assert queried and selected
+
+
+def test_watchdog_abort_does_not_race_an_enqueue(tmp_path):
+    raised, violations, aborted = _one_rank("abort during enqueue", tmp_path)
+    assert violations == [], violations
+    assert aborted and raised is not None and "lone failed" in raised, raised
+
+
+def test_asynchronous_nccl_errors_are_polled(tmp_path):
+    message, elapsed = _one_rank("asynchronous error", tmp_path)
+    assert "asynchronous error" in message, message
+    assert elapsed < 10, elapsed
+
+
+def test_flush_waits_for_side_stream_sends(tmp_path):
+    message, elapsed = _one_rank("flush", tmp_path)
+    assert "unreceived send" in message, message
+    assert 0.9 < elapsed < 4.0
