@@ -37,9 +37,6 @@ def _entry(rank, k, init_file, q, fn, args):
 def run_group(k, fn, *args, tmp_path, timeout=SPAWN_TIMEOUT, expect_dead=()):
     """Run ``fn(rank, k, *args)`` on k spawned gloo ranks. Returns {rank: ("ok", result) or
     ("raised", (type, message, traceback))}; ranks in ``expect_dead`` may report nothing."""
-    # Build the host library once here, so the ranks do not all wait on its file lock.
-    from sj_temporal_fusion import _host
-    _host.library()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init_file = tmp_path / f"init_{fn.__name__}_{k}_{time.monotonic_ns()}"
