@@ -53,23 +53,29 @@ def source() -> str:
 
 
 def all_name_expressions() -> list[str]:
-    """The kernel variants CI compiles: for every model and dtype, every forward FORM, and the
-    backward over every FORM (default surrogate) and every surrogate (the model's first FORM),
-    with and without parameter gradients. Forms and surrogates vary independently in the code, so
-    this covers each of them without the full product."""
+    """The kernel variants CI compiles (NVRTC, then ptxas for sm_80 and sm_90). Forms and
+    surrogates vary independently in the code, so every one of each is compiled, not their
+    product: per model, every forward FORM in every dtype; the fix-up in every FORM (fp32) and in
+    every dtype; the backward in every FORM with parameter gradients (the most registers) in fp32
+    and bf16 and without them in fp32, with every surrogate in fp32 and bf16, and with the default
+    surrogate in fp16 and fp64. At run time a variant is compiled when first used."""
     from .neurons import REGISTRY
     from .surrogate import DEFAULT_ID, SURROGATES
     from .variants import backward_variant, fixup_variant, forward_variant
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
     names = []
-    for model in REGISTRY.values():
-        forward_forms = sorted({f & ~model.detach_bit for f in model.forms})
-        for dtype in CUDA_TYPES:
-            names += [forward_variant(model, dtype, f) for f in forward_forms]
-            if model.shardable:
-                names += [fixup_variant(model, dtype, f) for f in forward_forms]
-            names += [backward_variant(model, dtype, DEFAULT_ID, f, g) for f in model.forms for g in (False, True)]
-            names += [backward_variant(model, dtype, s, model.forms[0], False) for s in range(len(SURROGATES))
-                      if s != DEFAULT_ID]
+    for m in REGISTRY.values():
+        forward_forms = sorted({f & ~m.detach_bit for f in m.forms})
+        first = m.forms[0]
+        names += [forward_variant(m, d, f) for d in CUDA_TYPES for f in forward_forms]
+        if m.shardable:
+            names += [fixup_variant(m, f32, f) for f in forward_forms]
+            names += [fixup_variant(m, d, first) for d in (f64, f16, bf16)]
+        names += [backward_variant(m, d, DEFAULT_ID, f, True) for d in (f32, bf16) for f in m.forms]
+        names += [backward_variant(m, f32, DEFAULT_ID, f, False) for f in m.forms]
+        names += [backward_variant(m, d, s, first, False) for d in (f32, bf16) for s in range(len(SURROGATES))
+                  if s != DEFAULT_ID]
+        names += [backward_variant(m, d, DEFAULT_ID, first, g) for d in (f16, f64) for g in (False, True)]
     return names
 
 
