@@ -58,7 +58,8 @@ def all_name_expressions() -> list[str]:
     product: per model, every forward FORM in every dtype; the fix-up in every FORM (fp32) and in
     every dtype; the backward in every FORM with parameter gradients (the most registers) in fp32
     and bf16 and without them in fp32, with every surrogate in fp32 and bf16, and with the default
-    surrogate in fp16 and fp64. At run time a variant is compiled when first used."""
+    surrogate in fp16 and fp64; the BatchNorm-folded forward and backward (with parameter
+    gradients) in every dtype. At run time a variant is compiled when first used."""
     from .neurons import REGISTRY
     from .surrogate import DEFAULT_ID, SURROGATES
     from .variants import backward_variant, fixup_variant, forward_variant
@@ -76,6 +77,10 @@ def all_name_expressions() -> list[str]:
         names += [backward_variant(m, d, s, first, False) for d in (f32, bf16) for s in range(len(SURROGATES))
                   if s != DEFAULT_ID]
         names += [backward_variant(m, d, DEFAULT_ID, first, g) for d in (f16, f64) for g in (False, True)]
+        # BatchNorm folded (FOLD): the affine read of x in every dtype, with the most registers
+        # (parameter gradients) in the backward.
+        names += [forward_variant(m, d, first & ~m.detach_bit, True) for d in CUDA_TYPES]
+        names += [backward_variant(m, d, DEFAULT_ID, first, True, True) for d in CUDA_TYPES]
     return names
 
 

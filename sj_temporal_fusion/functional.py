@@ -1,7 +1,9 @@
 """The documented functional surface: one fused call runs a whole (T, *) sequence of any
-registered neuron model (``neuron_multi_step``); ``lif_multi_step`` is its IF / LIF / PLIF form."""
+registered neuron model (``neuron_multi_step``); ``lif_multi_step`` is its IF / LIF / PLIF form;
+``batch_norm_scale_shift`` prepares a BatchNorm to be folded into the neuron's read of x."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -61,15 +63,52 @@ def parameter_tensor(values: list, dtype: torch.dtype, device: torch.device) -> 
     return torch.stack(entries), mask
 
 
+def batch_norm_scale_shift(x: Tensor, channel_dim: int, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                           training: bool, momentum: float, eps: float) -> tuple[Tensor, Tensor, int, int]:
+    """A BatchNorm over x (channels at ``channel_dim``; the other arguments as
+    ``torch.nn.functional.batch_norm`` takes them) as the per-channel affine the kernels apply
+    while reading x: returns (scale, shift, inner, channels) for ``neuron_multi_step(fold_bn=...)``,
+    scale and shift (channels,) in the state dtype, with autograd to x (through the batch
+    statistics), weight and bias.
+
+    training: statistics of this batch (biased variance), and the running statistics, if given,
+    updated in place as ``F.batch_norm`` does (``momentum`` is its exponential average factor;
+    the running variance takes the unbiased variance); else the running statistics.
+    scale = weight / sqrt(var + eps), shift = bias - mean * scale (weight 1 and bias 0 if None)."""
+    channels = x.shape[channel_dim]
+    inner = math.prod(x.shape[channel_dim + 1:])
+    acc = ops.state_dtype(x.dtype)
+    if training:
+        xc = x.reshape(-1, channels, inner).to(acc)
+        n = xc.shape[0] * inner
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        var, mean = torch.var_mean(xc, dim=(0, 2), correction=0)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var.detach().to(running_var.dtype), alpha=momentum * n / (n - 1))
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+    return scale.contiguous(), shift.contiguous(), inner, channels
+
+
 def neuron_multi_step(x_seq: Tensor, state: Optional[Sequence[Optional[Tensor]]] = None, *,
                       model: str = "lif", surrogate_function=None, store_v_seq: bool = False,
-                      **options) -> tuple[Tensor, tuple, Optional[Tensor]]:
+                      fold_bn: Optional[tuple] = None, **options) -> tuple[Tensor, tuple, Optional[Tensor]]:
     """Run neuron model ``model`` (a key of ``neurons.REGISTRY``) over a whole sequence in one
     fused kernel.
 
     x_seq: (T, *) input currents; ``state``: one tensor (*) per state variable of the model (v, or
     v and w) or None for the model's initial state; ``options``: the node's options with
-    SpikingJelly's names and defaults (``neurons.REGISTRY[model].defaults``).
+    SpikingJelly's names and defaults (``neurons.REGISTRY[model].defaults``). ``fold_bn``: the
+    (scale, shift, inner, channels) of ``batch_norm_scale_shift``: the neuron then runs on the
+    BatchNorm's output x_seq * scale[c] + shift[c] without it being written, x_seq being the
+    BatchNorm's input; gradients flow to x_seq, scale and shift.
 
     Returns (spike_seq (T, *) in x_seq's dtype, the final state (a tuple, in the state dtype:
     fp32 for fp16/bf16/fp32 inputs, fp64 for fp64, so splitting a sequence over calls gives the
@@ -95,10 +134,12 @@ def neuron_multi_step(x_seq: Tensor, state: Optional[Sequence[Optional[Tensor]]]
          for k, s in enumerate(states)]
     aux = z[1] if m.num_states == 2 else x.new_empty((0,), dtype=acc)
     params, mask = parameter_tensor(m.param_values(o), acc, x.device)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or mask != 0 or any(t.requires_grad for t in z))
+    fold = () if fold_bn is None else tuple(fold_bn)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or mask != 0 or any(t.requires_grad for t in z)
+                                              or any(isinstance(t, Tensor) and t.requires_grad for t in fold))
     spike, v_last, aux_last, v_seq, _ = ops.neuron_forward(
         x, z[0], aux, params, m.name, m.forward_form(o), m.form(o), sg.id, sg.a, sg.b, mask,
-        bool(store_v_seq), needs_grad)
+        bool(store_v_seq), needs_grad, *fold)
     final = (v_last, aux_last) if m.num_states == 2 else (v_last,)
     return spike, final, v_seq if store_v_seq else None
 

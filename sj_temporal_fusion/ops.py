@@ -7,6 +7,14 @@ Layer names: ``sj_temporal_fusion::neuron_forward`` / ``neuron_backward`` / ``ne
 (``spikingjelly.py``). Signatures carry plain values only and do not grow with the models: the
 model is its registry name, its options a FORM integer and one parameter tensor.
 
+BatchNorm folding (``bn_scale``, ``bn_shift``, ``bn_inner``, ``bn_channels``, optional on
+``neuron_forward`` and ``neuron_backward``): the kernels read x_eff = x * scale[c] + shift[c] where
+they read x, c = (i // inner) % channels for neuron i of a step (x (T, B, C, *) flattened,
+inner = prod(*)); scale and shift are (channels,) in the state dtype. The backward's grad_x is
+then dL/dx_eff, and the registered autograd takes it through the affine to x, scale and shift
+(``functional.batch_norm_scale_shift`` builds scale and shift from a BatchNorm, with autograd to
+its input, weight and bias).
+
 Layouts: x and sequences (T, *); states (*) each, in the state dtype; v is the first state variable,
 ``aux`` the second (IzhikevichNode's w; an empty tensor for one-state models); checkpoints
 (ceil(T / chunk), S, N) in the state dtype, chunk the model's checkpoint interval.
@@ -55,6 +63,30 @@ def _check_params(params: Tensor, model: str, x: Tensor) -> None:
                          f"functional.parameter_tensor")
 
 
+def _check_fold(x: Tensor, bn_scale: Optional[Tensor], bn_shift: Optional[Tensor], inner: int,
+                channels: int) -> bool:
+    """True when BatchNorm is folded; raises for arguments the kernels would misread."""
+    if bn_scale is None and bn_shift is None:
+        return False
+    acc = state_dtype(x.dtype)
+    ok = all(isinstance(t, Tensor) and t.shape == (channels,) and t.dtype == acc and t.device == x.device
+             and t.is_contiguous() for t in (bn_scale, bn_shift))
+    n = x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else 0
+    if not ok or channels < 1 or inner < 1 or n % (inner * channels):
+        raise ValueError(
+            f"bn_scale and bn_shift must both be contiguous ({channels},) {acc} tensors on {x.device}, "
+            f"with bn_channels >= 1, bn_inner >= 1 and bn_inner * bn_channels dividing the neurons per "
+            f"step ({n}); got scale {None if bn_scale is None else tuple(bn_scale.shape)}, shift "
+            f"{None if bn_shift is None else tuple(bn_shift.shape)}, inner {inner}, channels {channels}: "
+            f"build them with functional.batch_norm_scale_shift")
+    return True
+
+
+def _fold_args(fold: bool, bn_scale, bn_shift, inner: int, channels: int) -> list:
+    return [("ptr", bn_scale if fold else None), ("ptr", bn_shift if fold else None), ("ll", inner if fold else 1),
+            ("int", channels if fold else 1)]
+
+
 def _empty_state(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=state_dtype(x.dtype))
 
@@ -74,26 +106,30 @@ def _forward_outputs(x: Tensor, model: str, store_v_seq: bool, save_checkpoints:
 @torch.library.custom_op("sj_temporal_fusion::neuron_forward", mutates_args=())
 def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, model: str, form: int,
                    backward_form: int, surrogate_id: int, surrogate_a: float, surrogate_b: float,
-                   param_grad_mask: int, store_v_seq: bool, save_checkpoints: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   param_grad_mask: int, store_v_seq: bool, save_checkpoints: bool,
+                   bn_scale: Optional[Tensor] = None, bn_shift: Optional[Tensor] = None, bn_inner: int = 1,
+                   bn_channels: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x (T, *), v_init and aux_init (*) in the state dtype (aux_init empty for one-state models),
     params (NP,) in the state dtype -> spike (T, *), v_last, aux_last, v_seq (T, *) or empty,
     checkpoints or empty. ``backward_form``, the surrogate arguments and ``param_grad_mask`` (the
-    entries of ``params`` that are learnable) are kept for the backward."""
+    entries of ``params`` that are learnable) are kept for the backward. ``bn_*``: BatchNorm
+    folded into the read of x (module docstring); v_seq is then that of x_eff."""
     m = REGISTRY[model]
     _check_params(params, model, x)
+    fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
     spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, model, store_v_seq, save_checkpoints)
     two = m.num_states == 2
-    launch(forward_variant(m, x.dtype, form), x, [
+    launch(forward_variant(m, x.dtype, form, fold), x, [
         ("ptr", x), ("ptr", v_init), ("ptr", aux_init if two else None), ("ptr", spike), ("ptr", v_last),
         ("ptr", aux_last if two else None), ("ptr", v_seq if store_v_seq else None),
         ("ptr", checkpoints if save_checkpoints else None), ("ptr", params), ("int", x.shape[0]),
-        ("ll", x[0].numel())])
+        ("ll", x[0].numel())] + _fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels))
     return spike, v_last, aux_last, v_seq, checkpoints
 
 
 @neuron_forward.register_fake
 def _(x, v_init, aux_init, params, model, form, backward_form, surrogate_id, surrogate_a, surrogate_b,
-      param_grad_mask, store_v_seq, save_checkpoints):
+      param_grad_mask, store_v_seq, save_checkpoints, bn_scale=None, bn_shift=None, bn_inner=1, bn_channels=1):
     return _forward_outputs(x, model, store_v_seq, save_checkpoints)
 
 
@@ -113,30 +149,34 @@ def _backward_outputs(x: Tensor, num_states: int, num_params: int, param_grads: 
 def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
                     grad_aux_last: Optional[Tensor], x: Tensor, checkpoints: Tensor, params: Tensor,
                     model: str, form: int, surrogate_id: int, surrogate_a: float, surrogate_b: float,
-                    grad_params_mask: int, want_grad_x: bool, want_a: bool
+                    grad_params_mask: int, want_grad_x: bool, want_a: bool, bn_scale: Optional[Tensor] = None,
+                    bn_shift: Optional[Tensor] = None, bn_inner: int = 1, bn_channels: int = 1
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grad_x (T, *) or empty, grad_v_init and grad_aux_init (*) in the state dtype, per-neuron
     parameter gradients (NP, N) (only the rows in ``grad_params_mask`` are written) or empty, and
-    (time sharding, one state variable) the product of the steps' carry factors (N,) or empty."""
+    (time sharding, one state variable) the product of the steps' carry factors (N,) or empty.
+    With ``bn_*`` (folded BatchNorm) grad_x is dL/dx_eff."""
     m = REGISTRY[model]
     _check_params(params, model, x)
+    fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
     param_grads = grad_params_mask != 0
     outs = _backward_outputs(x, m.num_states, len(m.params), param_grads, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
     two = m.num_states == 2
-    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads), x, [
+    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold), x, [
         ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", grad_aux_last if two else None),
         ("ptr", x), ("ptr", checkpoints), ("ptr", params), ("ptr", grad_x if want_grad_x else None),
         ("ptr", grad_v_init), ("ptr", grad_aux_init if two else None),
         ("ptr", grad_params if param_grads else None), ("int", grad_params_mask),
         ("ptr", a_prod if want_a else None), ("acc", surrogate_a), ("acc", surrogate_b),
-        ("int", x.shape[0]), ("ll", x[0].numel())])
+        ("int", x.shape[0]), ("ll", x[0].numel())] + _fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels))
     return outs
 
 
 @neuron_backward.register_fake
 def _(grad_spike, grad_v_seq, grad_v_last, grad_aux_last, x, checkpoints, params, model, form, surrogate_id,
-      surrogate_a, surrogate_b, grad_params_mask, want_grad_x, want_a):
+      surrogate_a, surrogate_b, grad_params_mask, want_grad_x, want_a, bn_scale=None, bn_shift=None, bn_inner=1,
+      bn_channels=1):
     m = REGISTRY[model]
     return _backward_outputs(x, m.num_states, len(m.params), grad_params_mask != 0, want_grad_x, want_a)
 
@@ -177,9 +217,13 @@ def summed_param_grads(grad_params: Tensor, mask: int, params: Tensor) -> Option
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, _, params, model, _, backward_form, surrogate_id, surrogate_a, surrogate_b, mask, _, _ = inputs
+    (x, _, _, params, model, _, backward_form, surrogate_id, surrogate_a, surrogate_b, mask, _, _,
+     *fold) = inputs
+    bn_scale, bn_shift, bn_inner, bn_channels = fold + [None, None, 1, 1][len(fold):]
     ctx.options = (model, backward_form, surrogate_id, surrogate_a, surrogate_b, mask)
-    ctx.save_for_backward(x, output[4], params)
+    ctx.fold = (bn_inner, bn_channels) if bn_scale is not None else None
+    # Folded: x is the BatchNorm's input, the only activation kept (x_eff is recomputed).
+    ctx.save_for_backward(x, output[4], params, bn_scale, bn_shift)
     ctx.mark_non_differentiable(output[4])
     # An unused output (v_seq, the final state) then arrives as None, not as zeros the backward reads.
     ctx.set_materialize_grads(False)
@@ -190,8 +234,9 @@ def _present(grad: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_checkpoints):
-    x, checkpoints, params = ctx.saved_tensors
+    x, checkpoints, params, bn_scale, bn_shift = ctx.saved_tensors
     model, form, surrogate_id, surrogate_a, surrogate_b, mask = ctx.options
+    fold = () if ctx.fold is None else (bn_scale, bn_shift) + ctx.fold
     if checkpoints.numel() == 0:
         raise RuntimeError(
             "sj_temporal_fusion::neuron_forward ran with save_checkpoints=False, so it cannot be "
@@ -201,9 +246,25 @@ def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_che
     mask = mask if ctx.needs_input_grad[3] else 0
     grad_x, grad_v_init, grad_aux_init, grad_params, _ = neuron_backward(
         grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), _present(grad_aux_last), x,
-        checkpoints, params, model, form, surrogate_id, surrogate_a, surrogate_b, mask, True, False)
+        checkpoints, params, model, form, surrogate_id, surrogate_a, surrogate_b, mask, True, False, *fold)
     grad_aux = grad_aux_init if grad_aux_init.numel() else None
-    return (grad_x, grad_v_init, grad_aux, summed_param_grads(grad_params, mask, params)) + (None,) * 9
+    grad_scale = grad_shift = None
+    if fold:
+        grad_x, grad_scale, grad_shift = _affine_backward(grad_x, x, bn_scale, *ctx.fold, ctx.needs_input_grad[13:15])
+    return ((grad_x, grad_v_init, grad_aux, summed_param_grads(grad_params, mask, params)) + (None,) * 9
+            + (grad_scale, grad_shift, None, None))
+
+
+def _affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor, inner: int, channels: int, needs) -> tuple:
+    """dL/dy of y = x * scale[c] + shift[c] -> dL/dx, dL/dscale, dL/dshift (per-channel sums in
+    the state dtype)."""
+    shape = (-1, channels, inner)
+    g = grad_y.view(shape)
+    g_acc = g.to(scale.dtype)
+    grad_x = (g_acc * scale.view(1, -1, 1)).to(x.dtype).view(x.shape)
+    grad_scale = torch.einsum("oci,oci->c", g_acc, x.view(shape).to(scale.dtype)) if needs[0] else None
+    grad_shift = g_acc.sum((0, 2)) if needs[1] else None
+    return grad_x, grad_scale, grad_shift
 
 
 torch.library.register_autograd("sj_temporal_fusion::neuron_forward", _backward, setup_context=_setup_context)

@@ -1,5 +1,5 @@
 """Kernel variant names: one C++ name expression per (kernel, model, dtype, FORM[, surrogate,
-parameter gradients]). NVRTC compiles it (``_cuda``) and so does g++ (``_host``), each when first used."""
+parameter gradients][, BatchNorm folded]). NVRTC compiles it (``_cuda``) and so does g++ (``_host``), each when first used."""
 from __future__ import annotations
 
 import torch
@@ -9,13 +9,20 @@ from .neurons.base import NeuronModel
 CUDA_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "f16_t", torch.bfloat16: "bf16_t"}
 
 
-def forward_variant(model: NeuronModel, dtype: torch.dtype, form: int) -> str:
-    return f"neuron_forward<{model.struct}, {CUDA_TYPES[dtype]}, {form}>"
+def _fold(fold_bn: bool) -> str:
+    # FOLD (BatchNorm folded into the read of x) defaults to false in the templates, so the
+    # unfolded variants keep their names.
+    return ", true" if fold_bn else ""
 
 
-def backward_variant(model: NeuronModel, dtype: torch.dtype, surrogate_id: int, form: int, param_grads: bool) -> str:
+def forward_variant(model: NeuronModel, dtype: torch.dtype, form: int, fold_bn: bool = False) -> str:
+    return f"neuron_forward<{model.struct}, {CUDA_TYPES[dtype]}, {form}{_fold(fold_bn)}>"
+
+
+def backward_variant(model: NeuronModel, dtype: torch.dtype, surrogate_id: int, form: int, param_grads: bool,
+                     fold_bn: bool = False) -> str:
     return (f"neuron_backward<{model.struct}, {CUDA_TYPES[dtype]}, {surrogate_id}, {form}, "
-            f"{'true' if param_grads else 'false'}>")
+            f"{'true' if param_grads else 'false'}{_fold(fold_bn)}>")
 
 
 def fixup_variant(model: NeuronModel, dtype: torch.dtype, form: int) -> str:

@@ -57,6 +57,31 @@ TF_HD void store_state(acc_t* __restrict__ v, acc_t* __restrict__ aux, long long
   for (int k = 0; k < M::S; ++k) LANE_FOR(l, r.count) tf_store(k ? aux : v, r.base + l * TF_LANE_STRIDE, z[k][l]);
 }
 
+// BatchNorm folded into the read of x (FOLD): x_eff = x * scale[c] + shift[c], c = (i / inner) %
+// channels for neuron i of a step ((T, B, C, *) flattened to (T, N): inner = prod(*)). A neuron's
+// channel is the same at every step, so each lane reads its scale and shift once per thread (2
+// state words per neuron, nothing per step) and x_eff never reaches memory. Without FOLD the
+// read of x is untouched: the unfolded variants compile to the code they had before.
+template <bool FOLD, typename acc_t>
+struct Affine {
+  TF_HD void load(const acc_t* __restrict__, const acc_t* __restrict__, long long, int, const LaneRange&) {}
+  TF_HD acc_t operator()(acc_t x, int) const { return x; }
+};
+
+template <typename acc_t>
+struct Affine<true, acc_t> {
+  acc_t scale[TF_LANES], shift[TF_LANES];
+  TF_HD void load(const acc_t* __restrict__ bn_scale, const acc_t* __restrict__ bn_shift, long long inner,
+                  int channels, const LaneRange& r) {
+    LANE_FOR(l, r.count) {
+      const long long c = (r.base + l * TF_LANE_STRIDE) / inner % channels;
+      scale[l] = tf_load(bn_scale, c);
+      shift[l] = tf_load(bn_shift, c);
+    }
+  }
+  TF_HD acc_t operator()(acc_t x, int l) const { return x * scale[l] + shift[l]; }
+};
+
 template <class M, typename acc_t>
 TF_HD acc_t* checkpoint_row(acc_t* checkpoints, int c, int k, long long N) {
   return checkpoints + ((long long)c * M::S + k) * N;
@@ -64,13 +89,13 @@ TF_HD acc_t* checkpoint_row(acc_t* checkpoints, int c, int k, long long N) {
 
 // One chunk of the forward time loop. In the GPU shape the chunk's x is loaded first, so the
 // loads are in flight together instead of one per dependent step.
-template <class M, int FORM, bool VSEQ, typename scalar_t, typename acc_t>
+template <class M, int FORM, bool VSEQ, typename scalar_t, typename acc_t, class BN>
 TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ spike,
                          scalar_t* __restrict__ v_seq, const acc_t* p, acc_t (*z)[TF_LANES],
-                         const LaneRange& r, int t0, int len, long long N) {
+                         const BN& bn, const LaneRange& r, int t0, int len, long long N) {
 #if TF_GPU_SHAPE
   acc_t xs[CHUNK_OF(M)][TF_LANES];
-  CHUNK_UP(j, len, CHUNK_OF(M)) LANE_FOR(l, r.count) xs[j][l] = to_acc(tf_load(x, (long long)(t0 + j) * N + r.base + l * TF_LANE_STRIDE));
+  CHUNK_UP(j, len, CHUNK_OF(M)) LANE_FOR(l, r.count) xs[j][l] = bn(to_acc(tf_load(x, (long long)(t0 + j) * N + r.base + l * TF_LANE_STRIDE)), l);
 #endif
   CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
@@ -79,7 +104,7 @@ TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
 #if TF_GPU_SHAPE
       const acc_t xv = xs[j][l];
 #else
-      const acc_t xv = to_acc(tf_load(x, idx));
+      const acc_t xv = bn(to_acc(tf_load(x, idx)), l);
 #endif
       acc_t zl[M::S];
 #pragma unroll
@@ -95,7 +120,7 @@ TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
   }
 }
 
-template <class M, typename scalar_t, int FORM>
+template <class M, typename scalar_t, int FORM, bool FOLD = false>
 TF_KERNEL void neuron_forward(const scalar_t* __restrict__ x,
                                const acc_type<scalar_t>* __restrict__ v_init,
                                const acc_type<scalar_t>* __restrict__ aux_init,  // S = 2
@@ -104,33 +129,38 @@ TF_KERNEL void neuron_forward(const scalar_t* __restrict__ x,
                                acc_type<scalar_t>* __restrict__ aux_last,        // S = 2
                                scalar_t* __restrict__ v_seq,                     // nullable
                                acc_type<scalar_t>* __restrict__ checkpoints,     // nullable
-                               const acc_type<scalar_t>* __restrict__ params, int T, long long N) {
+                               const acc_type<scalar_t>* __restrict__ params, int T, long long N,
+                               const acc_type<scalar_t>* __restrict__ bn_scale,  // FOLD
+                               const acc_type<scalar_t>* __restrict__ bn_shift,  // FOLD
+                               long long bn_inner, int bn_channels) {
   typedef acc_type<scalar_t> acc_t;
   const LaneRange r = lane_range(N);
   if (r.count == 0) return;
   acc_t p[M::NP];
   load_params<M>(params, p);
+  Affine<FOLD, acc_t> bn;
+  bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
   acc_t z[M::S][TF_LANES];
   load_state<M>(v_init, aux_init, N, z, r);
   for (int c = 0; c * CHUNK_OF(M) < T; ++c) {
     const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
     if (checkpoints)
       store_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
-    if (v_seq) forward_chunk<M, FORM, true>(x, spike, v_seq, p, z, r, t0, len, N);
-    else forward_chunk<M, FORM, false>(x, spike, v_seq, p, z, r, t0, len, N);
+    if (v_seq) forward_chunk<M, FORM, true>(x, spike, v_seq, p, z, bn, r, t0, len, N);
+    else forward_chunk<M, FORM, false>(x, spike, v_seq, p, z, bn, r, t0, len, N);
   }
   store_state<M>(v_last, aux_last, N, z, r);
 }
 
 // The backward's recompute of one chunk: the state before each step and x, kept in registers.
-template <class M, int FORM, typename scalar_t, typename acc_t>
+template <class M, int FORM, typename scalar_t, typename acc_t, class BN>
 TF_HD void backward_recompute(const scalar_t* __restrict__ x, const acc_t* p, acc_t (*z)[TF_LANES],
-                              acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], const LaneRange& r,
-                              int t0, int len, long long N) {
+                              acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], const BN& bn,
+                              const LaneRange& r, int t0, int len, long long N) {
   CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
     LANE_FOR(l, r.count) {
-      const acc_t xv = to_acc(tf_load(x, row + l * TF_LANE_STRIDE));
+      const acc_t xv = bn(to_acc(tf_load(x, row + l * TF_LANE_STRIDE)), l);
       xs[j][l] = xv;
       acc_t zl[M::S];
 #pragma unroll
@@ -201,7 +231,8 @@ TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_
   }
 }
 
-template <class M, typename scalar_t, int SG, int FORM, bool PGRAD>
+// With FOLD, grad_x is dL/dx_eff (the BatchNorm's output): ops.py takes it through the affine.
+template <class M, typename scalar_t, int SG, int FORM, bool PGRAD, bool FOLD = false>
 TF_KERNEL void neuron_backward(const scalar_t* __restrict__ grad_spike,
                                 const scalar_t* __restrict__ grad_v_seq,             // nullable
                                 const acc_type<scalar_t>* __restrict__ grad_v_last,    // nullable
@@ -215,12 +246,17 @@ TF_KERNEL void neuron_backward(const scalar_t* __restrict__ grad_spike,
                                 acc_type<scalar_t>* __restrict__ grad_params,       // (NP, N) if PGRAD
                                 int grad_params_mask,                               // rows to write
                                 acc_type<scalar_t>* __restrict__ a_prod,            // nullable, S = 1
-                                acc_type<scalar_t> sg_a, acc_type<scalar_t> sg_b, int T, long long N) {
+                                acc_type<scalar_t> sg_a, acc_type<scalar_t> sg_b, int T, long long N,
+                                const acc_type<scalar_t>* __restrict__ bn_scale,    // FOLD
+                                const acc_type<scalar_t>* __restrict__ bn_shift,    // FOLD
+                                long long bn_inner, int bn_channels) {
   typedef acc_type<scalar_t> acc_t;
   const LaneRange r = lane_range(N);
   if (r.count == 0) return;
   acc_t p[M::NP];
   load_params<M>(params, p);
+  Affine<FOLD, acc_t> bn;
+  bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
   acc_t gz[M::S][TF_LANES], gp[PGRAD ? M::NP : 1][TF_LANES], a[TF_LANES], z[M::S][TF_LANES];
 #pragma unroll
   for (int k = 0; k < M::S; ++k) {
@@ -234,7 +270,7 @@ TF_KERNEL void neuron_backward(const scalar_t* __restrict__ grad_spike,
   for (int c = (T - 1) / CHUNK_OF(M); c >= 0; --c) {
     const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
     load_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
-    backward_recompute<M, FORM>(x, p, z, zs, xs, r, t0, len, N);
+    backward_recompute<M, FORM>(x, p, z, zs, xs, bn, r, t0, len, N);
     if (a_prod || !grad_x)  // time sharding: decided per pointer
       backward_sweep<M, SG, FORM, PGRAD, TF_RUNTIME, TF_RUNTIME, TF_RUNTIME>(
           grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a_prod ? a : (acc_t*)0, zs, xs, r, t0, len, N);
