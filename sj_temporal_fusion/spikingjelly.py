@@ -77,21 +77,24 @@ def _set_state(node, final) -> None:
         setattr(node, name, value)
 
 
-def fused_multi_step(node, x_seq):
+def fused_multi_step(node, x_seq, fold_bn=None):
+    """The node's multi-step forward in one kernel; ``fold_bn``: a BatchNorm folded into the read
+    of x_seq (``functional.neuron_multi_step``), as ``optimize(net, fold_bn=True)`` passes it."""
     check_input(x_seq, (), ())  # before SpikingJelly's x_seq[0], which fails on (0, N) or 0-dim input
     options = node_options(node)
     spike_seq, final, v_seq = neuron_multi_step(x_seq, _node_state(node, x_seq[0]), store_v_seq=node.store_v_seq,
-                                                **options)
+                                                fold_bn=fold_bn, **options)
     _set_state(node, final)
     if node.store_v_seq:
         node.v_seq = v_seq
     return spike_seq
 
 
-def fused_single_step(node, x):
+def fused_single_step(node, x, fold_bn=None):
     if not hasattr(x, "unsqueeze"):
         raise TypeError(f"the input of a 'temporal_fusion' node must be a torch.Tensor, got {type(x).__name__}")
-    spike_seq, final, _ = neuron_multi_step(x.unsqueeze(0), _node_state(node, x), **node_options(node))
+    spike_seq, final, _ = neuron_multi_step(x.unsqueeze(0), _node_state(node, x), fold_bn=fold_bn,
+                                            **node_options(node))
     _set_state(node, final)
     return spike_seq[0]
 
