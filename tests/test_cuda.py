@@ -59,7 +59,7 @@ def test_nvrtc_build_does_not_contract_fma():
     """--fmad=false: the forward kernel's PTX has no fused multiply-add, so it rounds like g++
     with -ffp-contract=off and the two builds agree bit for bit."""
     nvrtc = _nvrtc()
-    prog = nvrtc.createProgram(_cuda.source(), "temporal.cu", [], [])
+    prog = nvrtc.createProgram(_cuda.source(), "variant.cu", [], [])
     name = _forward_name()
     nvrtc.addNameExpression(prog, name)
     nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + ["--gpu-architecture=compute_90"])
