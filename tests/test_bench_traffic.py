@@ -14,7 +14,7 @@ VARIANTS = list(traffic.variants())
 
 
 def _id(v):
-    extra = [name for name in ("store_v_seq", "grad_v_seq", "grad_state_last", "learnable") if v[name]]
+    extra = [name for name in ("store_v_seq", "grad_v_seq", "grad_state_last", "learnable", "fold_bn") if v[name]]
     return "-".join([v["model"], v["pass_"], v["dtype"]] + extra)
 
 
@@ -31,7 +31,13 @@ def test_variants_cover_every_model():
     # (no final-state gradient, final-state gradients, final-state gradients + learnable parameters).
     assert {v["model"] for v in VARIANTS} == set(REGISTRY)
     assert {v["dtype"] for v in VARIANTS if v["model"] == "lif"} == {"fp32", "fp16", "bf16", "fp64"}
-    assert len(VARIANTS) == 10 * (4 + 2 * 4)
+    plain = [v for v in VARIANTS if not v["fold_bn"]]
+    assert len(plain) == 10 * (4 + 2 * 4)
+    # BatchNorm folded: forward-infer, forward-train and the backward with every gradient, per model
+    # in fp32 and for IF/LIF/PLIF in every dtype.
+    folded = [v for v in VARIANTS if v["fold_bn"]]
+    assert {v["model"] for v in folded} == set(REGISTRY)
+    assert len(folded) == 3 * (len(REGISTRY) - 1 + 4)
 
 
 # Bytes per neuron-step in the long-T limit, per model: the numbers the README states.
@@ -75,6 +81,19 @@ def test_counting_sees_an_extra_word():
     with_v = traffic.count_forward(T, N, torch.float32, train=False, store_v_seq=True)
     assert with_v.written - plain.written == T * N * 4
     assert with_v.read == plain.read
+
+
+def test_folding_adds_only_the_per_channel_reads():
+    # Folded BatchNorm: x (its input) is read where its output would have been; per neuron, one
+    # scale and one shift read, forward and backward; nothing is written that was not before.
+    for train in (False, True):
+        plain = traffic.count_forward(T, N, torch.float32, train=train)
+        fold = traffic.count_forward(T, N, torch.float32, train=train, fold_bn=True)
+        assert fold.written == plain.written
+        assert fold.read - plain.read == 2 * N * 4
+    plain = traffic.count_backward(T, N, torch.float32)
+    fold = traffic.count_backward(T, N, torch.float32, fold_bn=True)
+    assert (fold.read - plain.read, fold.written - plain.written) == (2 * N * 4, 0)
 
 
 def test_counting_restores_the_launcher():

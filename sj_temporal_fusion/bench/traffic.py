@@ -13,6 +13,9 @@ variables, a checkpoint every C steps (its header's CHUNK) and states of s bytes
 
 so in the long-T limit (``words_per_neuron_step``), fp32 training moves 20.5 bytes per neuron-step
 for IF/LIF/PLIF, QIF and EIF (C = 16), 21 for KLIF (C = 8) and 22 for Izhikevich (S = 2, C = 8).
+BatchNorm folded (``fold_bn``): x is the BatchNorm's input, read where the BatchNorm's output
+would have been, so the per-step words are unchanged; each neuron's lane reads its channel's scale
+and shift once per launch (+2 s per neuron, forward and backward).
 Plus O(1) terms per neuron: the initial state read and the final state written (state dtype); the
 given final-state gradients read, the initial-state gradients written, and one row per learnable
 parameter of per-neuron gradients (backward); and per thread the model's parameters read.
@@ -65,10 +68,12 @@ def _param_reads(N: int, dtype: torch.dtype, model: str) -> int:
 
 
 def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool, store_v_seq: bool = False,
-                    model: str = "lif") -> Traffic:
+                    model: str = "lif", fold_bn: bool = False) -> Traffic:
     """Design bytes of one ``neuron_forward`` launch over x (T, N)."""
     w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
     read = T * N * w + S * N * s + _param_reads(N, dtype, model)   # x, initial state, parameters
+    if fold_bn:
+        read += 2 * N * s                                          # each lane's scale and shift
     written = T * N * w + S * N * s                                # spike, final state
     if store_v_seq:
         written += T * N * w                                       # v_seq
@@ -78,7 +83,7 @@ def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool, store_v_
 
 
 def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = False, grad_state_last: int = 0,
-                     param_grads: int = 0, model: str = "lif") -> Traffic:
+                     param_grads: int = 0, model: str = "lif", fold_bn: bool = False) -> Traffic:
     """Design bytes of one ``neuron_backward`` launch over x (T, N); ``grad_state_last``: how many
     final-state gradients are given, ``param_grads``: how many learnable parameters."""
     w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
@@ -86,6 +91,8 @@ def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = F
     if grad_v_seq:
         read += T * N * w
     read += grad_state_last * N * s
+    if fold_bn:
+        read += 2 * N * s                                    # each lane's scale and shift
     written = T * N * w + S * N * s + param_grads * N * s   # grad_x, initial-state grads, parameter grads
     return Traffic(read, written)
 
@@ -156,14 +163,27 @@ def _layer(model: str, dtype: torch.dtype, learnable: bool):
     return m, o, params.detach(), mask if learnable else 0
 
 
-def _forward(model, x, dtype, *, train: bool, store_v_seq: bool, learnable: bool = False):
+def _fold_args(N: int, dtype: torch.dtype, fold_bn: bool) -> tuple:
+    """(scale, shift, inner, channels) of a BatchNorm over N neurons per step, or ()."""
+    if not fold_bn:
+        return ()
+    inner = next(d for d in (5, 3, 2, 1) if N % d == 0)  # N = 131 (prime): one channel per neuron
+    channels = N // inner
+    g = torch.Generator().manual_seed(2)
+    acc = ops.state_dtype(dtype)
+    return (torch.rand(channels, generator=g, dtype=acc) + 0.5, torch.randn(channels, generator=g, dtype=acc) * 0.1,
+            inner, channels)
+
+
+def _forward(model, x, dtype, *, train: bool, store_v_seq: bool, learnable: bool = False, fold_bn: bool = False):
     m, o, params, mask = _layer(model, dtype, learnable)
     acc = ops.state_dtype(dtype)
     z = [torch.zeros(x.shape[1:], dtype=acc) for _ in m.states]
     aux = z[1] if m.num_states == 2 else torch.empty(0, dtype=acc)
+    fold = _fold_args(x[0].numel(), dtype, fold_bn)
     out = ops.neuron_forward(x, z[0], aux, params, model, m.forward_form(o), m.form(o), DEFAULT_ID, 4.0, 0.0, mask,
-                             store_v_seq, train)
-    return out, params, m.form(o), mask
+                             store_v_seq, train, *fold)
+    return out, params, m.form(o), mask, fold
 
 
 def _input(T: int, N: int, dtype: torch.dtype, seed: int = 0):
@@ -172,20 +192,20 @@ def _input(T: int, N: int, dtype: torch.dtype, seed: int = 0):
 
 
 def count_forward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", train: bool,
-                  store_v_seq: bool = False) -> Traffic:
+                  store_v_seq: bool = False, fold_bn: bool = False) -> Traffic:
     """Counted bytes of one ``sj_temporal_fusion::neuron_forward`` launch."""
     x = _input(T, N, dtype)
     with counting() as launches:
-        _forward(model, x, dtype, train=train, store_v_seq=store_v_seq)
+        _forward(model, x, dtype, train=train, store_v_seq=store_v_seq, fold_bn=fold_bn)
     return _only(launches, "neuron_forward")
 
 
 def count_backward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", grad_v_seq: bool = False,
-                   grad_state_last: bool = False, learnable: bool = False) -> Traffic:
+                   grad_state_last: bool = False, learnable: bool = False, fold_bn: bool = False) -> Traffic:
     """Counted bytes of one ``sj_temporal_fusion::neuron_backward`` launch."""
     x = _input(T, N, dtype)
-    (_, _, _, _, checkpoints), params, form, mask = _forward(model, x, dtype, train=True, store_v_seq=False,
-                                                             learnable=learnable)
+    (_, _, _, _, checkpoints), params, form, mask, fold = _forward(model, x, dtype, train=True, store_v_seq=False,
+                                                                   learnable=learnable, fold_bn=fold_bn)
     g = torch.Generator().manual_seed(1)
     grad = lambda *shape, d=dtype: torch.randn(*shape, generator=g, dtype=torch.float64).to(d)  # noqa: E731
     acc, two = ops.state_dtype(dtype), REGISTRY[model].num_states == 2
@@ -193,7 +213,7 @@ def count_backward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", gr
         ops.neuron_backward(grad(T, N), grad(T, N) if grad_v_seq else None,
                             grad(N, d=acc) if grad_state_last else None,
                             grad(N, d=acc) if grad_state_last and two else None, x, checkpoints, params, model,
-                            form, DEFAULT_ID, 4.0, 0.0, mask, True, False)
+                            form, DEFAULT_ID, 4.0, 0.0, mask, True, False, *fold)
     return _only(launches, "neuron_backward")
 
 
@@ -225,18 +245,27 @@ VARIANT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 
 def variants():
-    """Every (model, pass, dtype, store_v_seq, grad_v_seq, grad_state_last, learnable) the
-    accounting covers: every model in fp32 and bf16 (every dtype for IF/LIF/PLIF)."""
+    """Every (model, pass, dtype, store_v_seq, grad_v_seq, grad_state_last, learnable, fold_bn)
+    the accounting covers: every model in fp32 and bf16 (every dtype for IF/LIF/PLIF); with
+    BatchNorm folded, the forward (inference and training) and the backward with every gradient,
+    every model in fp32 (every dtype for IF/LIF/PLIF)."""
     for model in REGISTRY:
         for dtype in VARIANT_DTYPES if model == "lif" else ("fp32", "bf16"):
             for train, store in itertools.product((False, True), (False, True)):
                 yield dict(model=model, pass_="forward-train" if train else "forward-infer", dtype=dtype,
-                           store_v_seq=store, grad_v_seq=False, grad_state_last=False, learnable=False)
+                           store_v_seq=store, grad_v_seq=False, grad_state_last=False, learnable=False,
+                           fold_bn=False)
             for gseq, glast, learn in itertools.product((False, True), (False, True), (False, True)):
                 if learn and not glast:
                     continue
                 yield dict(model=model, pass_="backward", dtype=dtype, store_v_seq=False, grad_v_seq=gseq,
-                           grad_state_last=glast, learnable=learn)
+                           grad_state_last=glast, learnable=learn, fold_bn=False)
+        for dtype in VARIANT_DTYPES if model == "lif" else ("fp32",):
+            for pass_ in ("forward-infer", "forward-train"):
+                yield dict(model=model, pass_=pass_, dtype=dtype, store_v_seq=False, grad_v_seq=False,
+                           grad_state_last=False, learnable=False, fold_bn=True)
+            yield dict(model=model, pass_="backward", dtype=dtype, store_v_seq=False, grad_v_seq=True,
+                       grad_state_last=True, learnable=True, fold_bn=True)
 
 
 def measure_variant(v: dict, T: int, N: int) -> tuple[Traffic, Traffic]:
@@ -244,15 +273,18 @@ def measure_variant(v: dict, T: int, N: int) -> tuple[Traffic, Traffic]:
     dtype, model = harness.DTYPES[v["dtype"]], v["model"]
     if v["pass_"] == "backward":
         counted = count_backward(T, N, dtype, model=model, grad_v_seq=v["grad_v_seq"],
-                                 grad_state_last=v["grad_state_last"], learnable=v["learnable"])
+                                 grad_state_last=v["grad_state_last"], learnable=v["learnable"],
+                                 fold_bn=v["fold_bn"])
         mask = _layer(model, dtype, v["learnable"])[3]
         design = backward_traffic(T, N, dtype, grad_v_seq=v["grad_v_seq"], model=model,
                                   grad_state_last=REGISTRY[model].num_states if v["grad_state_last"] else 0,
-                                  param_grads=bin(mask).count("1"))
+                                  param_grads=bin(mask).count("1"), fold_bn=v["fold_bn"])
     else:
         train = v["pass_"] == "forward-train"
-        counted = count_forward(T, N, dtype, model=model, train=train, store_v_seq=v["store_v_seq"])
-        design = forward_traffic(T, N, dtype, train=train, store_v_seq=v["store_v_seq"], model=model)
+        counted = count_forward(T, N, dtype, model=model, train=train, store_v_seq=v["store_v_seq"],
+                                fold_bn=v["fold_bn"])
+        design = forward_traffic(T, N, dtype, train=train, store_v_seq=v["store_v_seq"], model=model,
+                                 fold_bn=v["fold_bn"])
     return counted, design
 
 
@@ -271,13 +303,14 @@ def main(args) -> dict:
                      "counted": asdict(counted), "design": asdict(design),
                      "counted_bytes_per_neuron_step": counted.total / (T * N),
                      "match": counted == design})
-    header = f"{'model':<11}{'pass':<14}{'dtype':<6}{'v_seq':>6}{'g_vseq':>7}{'g_last':>7}{'learn':>6}" \
+    header = f"{'model':<11}{'pass':<14}{'dtype':<6}{'v_seq':>6}{'g_vseq':>7}{'g_last':>7}{'learn':>6}{'bn':>4}" \
              f"{'counted B/n-step':>18}{'design B/n-step':>17}  ok"
     print(f"global-memory traffic, T={T}, N={N} (host counting build)\n{header}")
     for r in rows:
         design_total = r["design"]["read"] + r["design"]["written"]
         print(f"{r['model']:<11}{r['pass']:<14}{r['dtype']:<6}{r['store_v_seq']!s:>6}{r['grad_v_seq']!s:>7}"
-              f"{r['grad_state_last']!s:>7}{r['learnable']!s:>6}{r['counted_bytes_per_neuron_step']:>18.4f}"
+              f"{r['grad_state_last']!s:>7}{r['learnable']!s:>6}{'yes' if r['fold_bn'] else '':>4}"
+              f"{r['counted_bytes_per_neuron_step']:>18.4f}"
               f"{design_total / (T * N):>17.4f}  {'yes' if r['match'] else 'NO'}")
     payload = {"benchmark": "traffic", "environment": harness.finish_environment(
         harness.environment(torch.device("cpu"))), "rows": rows}
