@@ -134,8 +134,11 @@ def test_switch_off_copy_pickle_and_options():
     assert sum(len(m._forward_pre_hooks) for m in net.modules()) == 1
     sj_temporal_fusion.optimize(net, spike_bits=False)
     assert baseline == {k: len(m._forward_hooks) + len(m._forward_pre_hooks) for k, m in net.named_modules()}
-    with pytest.raises(NotImplementedError, match="fold_bn"):
-        sj_temporal_fusion.optimize(net, fold_bn=True)
+    sj_temporal_fusion.optimize(net, fold_bn=True)  # both options; tests/test_fold_bn.py tests folding
+    assert optimized(net) == {"spike_bits": True, "fold_bn": True}
+    sj_temporal_fusion.optimize(net, spike_bits=False)
+    assert optimized(net) == {"spike_bits": False, "fold_bn": False}
+    assert baseline == {k: len(m._forward_hooks) + len(m._forward_pre_hooks) for k, m in net.named_modules()}
     torch_net = spiking_resnet18("torch")
     with pytest.warns(UserWarning, match="set_backend"):
         sj_temporal_fusion.optimize(torch_net)

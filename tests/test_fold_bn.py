@@ -1,0 +1,316 @@
+"""BatchNorm folded into the neuron kernel: the kernels' FOLD variants (csrc/temporal.cu's Affine),
+``functional.batch_norm_scale_shift`` and ``optimize(net, fold_bn=True)`` (optimize.py).
+
+Tolerances. The kernel: a folded launch equals the unfolded kernel run on x_eff = x * scale +
+shift computed by torch (a multiply, then an add, as the kernel rounds it) bit for bit, in every
+dtype and in both code shapes. Networks: folded and unfolded differ only by rounding (the
+unfolded BatchNorm computes (x - mean) * invstd * weight + bias, the fold x * scale + shift, and
+its statistics come from torch.var_mean instead of the BatchNorm kernel); a spike can then differ
+only where h lies within rounding of the threshold, which these seeds do not hit: outputs and
+losses agree to 1e-12 (fp64) / 1e-5 (fp32) relative, every parameter gradient to 1e-9 (fp64) /
+1e-4 (fp32) of its largest entry, running statistics to 1e-12 / 1e-6, num_batches_tracked exactly.
+"""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional, layer, neuron, surrogate as S
+from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
+
+import sj_temporal_fusion
+from sj_temporal_fusion import _host, functional as F, ops
+from sj_temporal_fusion.optimize import fold_pairs, folded, optimized
+from sj_temporal_fusion.reference import neuron_reference
+
+LIF = dict(tau=1.25, decay_input=False, v_threshold=0.3, surrogate_function=S.Sigmoid(alpha=4.))
+
+
+# ---------------------------------------------------------------- the kernel
+
+def _case(dtype, T=19, shape=(3, 5, 7), seed=0):
+    """x (T, B, C, L) around the threshold and a BatchNorm-like affine over C = 5, inner = 7."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, *shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+    acc = ops.state_dtype(dtype)
+    scale = (torch.rand(shape[1], generator=g, dtype=torch.float64) * 0.6 + 0.2).to(acc)
+    shift = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.2).to(acc)
+    return x, scale, shift, shape[2], shape[1]
+
+
+def _x_eff(x, scale, shift, inner, channels):
+    acc = scale.dtype
+    return (x.to(acc).reshape(x.shape[0], -1, channels, inner) * scale.view(-1, 1)).add(shift.view(-1, 1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("gpu_shape", [False, True], ids=["cpu_shape", "gpu_shape"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("model", ["lif", "izhikevich"])
+def test_folded_kernel_equals_unfolded_on_x_eff(model, dtype, gpu_shape):
+    # Bit for bit: spikes, final state, v_seq and (backward) dL/dx_eff and the parameter gradient.
+    x, scale, shift, inner, channels = _case(dtype)
+    x_eff = _x_eff(x, scale, shift, inner, channels)  # in the state dtype: what the kernel reads
+    options = dict(v_threshold=0.7) if model == "lif" else {}
+    if model == "lif":
+        options.update(kind="plif", w=torch.tensor(-0.4, dtype=torch.float64, requires_grad=True))
+    g = torch.Generator().manual_seed(5)
+    grad_spike = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)  # exact in both runs
+    results = []
+    with _host.emulate_gpu_shape() if gpu_shape else _nothing():
+        for inputs, fold in ((x, (scale, shift, inner, channels)), (x_eff, None)):
+            inputs = inputs.detach().requires_grad_()
+            spike, state, v_seq = F.neuron_multi_step(inputs, model=model, fold_bn=fold, store_v_seq=True,
+                                                      surrogate_function=S.Sigmoid(alpha=4.), **options)
+            (spike * grad_spike.to(spike.dtype)).sum().backward()
+            grads = [inputs.grad] + ([options["w"].grad.clone()] if model == "lif" else [])
+            if model == "lif":
+                options["w"].grad = None
+            results.append((spike.float(), [s.clone() for s in state], v_seq.to(state[0].dtype), grads))
+    (s1, z1, v1, g1), (s2, z2, v2, g2) = results
+    assert torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(z1, z2))
+    assert torch.equal(v1, v2.to(dtype).to(v1.dtype))  # v_seq is stored in x's dtype
+    # dL/dx: the unfolded gradient w.r.t. x_eff, times scale (the folded op's autograd).
+    want = (_x_eff(g2[0].to(scale.dtype), scale, torch.zeros_like(shift), inner, channels)).to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(g1[0], want)
+    else:  # dL/dx_eff is rounded to x's dtype before the multiply: one rounding apart
+        torch.testing.assert_close(g1[0].float(), want.float(), rtol=torch.finfo(dtype).eps * 2, atol=1e-6)
+    for a, b in zip(g1[1:], g2[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype != torch.float64 else 1e-13, atol=0)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_folded_kernel_matches_the_reference():
+    # fp64 against the pure-PyTorch oracle on x * scale + shift.
+    x, scale, shift, inner, channels = _case(torch.float64, seed=3)
+    spike, (v,), _ = F.neuron_multi_step(x, fold_bn=(scale, shift, inner, channels), kind="lif", tau=1.8,
+                                         v_threshold=0.6)
+    ref_spike, (ref_v,), _ = neuron_reference(_x_eff(x, scale, shift, inner, channels), kind="lif", tau=1.8,
+                                              v_threshold=0.6)
+    assert torch.equal(spike, ref_spike)
+    torch.testing.assert_close(v, ref_v, rtol=1e-13, atol=1e-13)
+
+
+def test_gradcheck_folded_op_fp64():
+    # x, scale and shift through ops.neuron_forward's autograd; detach_reset makes the final state
+    # and v_seq differentiable away from the threshold (T = 19 crosses a checkpoint).
+    x, scale, shift, inner, channels = _case(torch.float64, T=19, shape=(2, 3, 2), seed=4)
+    x, scale, shift = (t.detach().requires_grad_() for t in (x, scale, shift))
+
+    def run(x, scale, shift):
+        _, (v,), v_seq = F.neuron_multi_step(x, fold_bn=(scale, shift, inner, channels), kind="lif", tau=1.8,
+                                             v_threshold=0.6, detach_reset=True, store_v_seq=True)
+        return v, v_seq
+    assert torch.autograd.gradcheck(run, (x, scale, shift), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_batch_norm_scale_shift_fp64():
+    # Through the batch statistics to x, and to weight and bias.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    fn = lambda x, w, b: F.batch_norm_scale_shift(x, 2, None, None, w, b, True, 0.1, 1e-5)[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_fold_arguments_are_checked():
+    x, scale, shift, inner, channels = _case(torch.float32)
+    with pytest.raises(ValueError, match="batch_norm_scale_shift"):
+        F.neuron_multi_step(x, fold_bn=(scale, shift, inner, channels + 1))
+    with pytest.raises(ValueError, match="batch_norm_scale_shift"):
+        F.neuron_multi_step(x, fold_bn=(scale.double(), shift, inner, channels))
+
+
+def test_opcheck_folded_ops():
+    x, scale, shift, inner, channels = _case(torch.float32, T=5)
+    from sj_temporal_fusion.neurons import REGISTRY
+    m = REGISTRY["lif"]
+    o = dict(m.defaults)
+    params, _ = F.parameter_tensor(m.param_values(o), torch.float32, torch.device("cpu"))
+    v0 = torch.zeros(x.shape[1:])
+    args = (x.requires_grad_(), v0, torch.empty(0), params, "lif", m.forward_form(o), m.form(o), 0, 4.0, 0.0, 0,
+            True, True, scale.requires_grad_(), shift.requires_grad_(), inner, channels)
+    torch.library.opcheck(ops.neuron_forward, args)
+
+
+# ---------------------------------------------------------------- the switch, on networks
+
+def _resnet(module, dtype):
+    torch.manual_seed(0)
+    make = module.spiking_resnet18 if module is spiking_resnet else sew_resnet.sew_resnet18
+    kw = dict(cnf="ADD") if module is sew_resnet else {}
+    net = make(spiking_neuron=neuron.LIFNode, num_classes=10, **kw, **LIF).to(dtype)
+    functional.set_step_mode(net, "m")
+    functional.set_backend(net, "temporal_fusion")
+    return net
+
+
+def _vgg(dtype):
+    """Both VGG spellings: multi-step layer.BatchNorm2d after a conv in a Sequential, and
+    SeqToANNContainer(conv, BatchNorm2d) followed by the neuron; a PLIF neuron in the second, a
+    BatchNorm with momentum=None (cumulative average) and one with affine=False."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        layer.Conv2d(3, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), neuron.LIFNode(**LIF),
+        layer.SeqToANNContainer(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=None)),
+        neuron.ParametricLIFNode(v_threshold=0.3, surrogate_function=S.Sigmoid(alpha=4.)),
+        layer.MaxPool2d(2), layer.Flatten(start_dim=1), layer.SeqToANNContainer(torch.nn.Linear(8 * 8 * 8, 16), torch.nn.BatchNorm1d(16, affine=False)),
+        neuron.LIFNode(**LIF), layer.Linear(16, 10)).to(dtype)
+    functional.set_step_mode(net, "m")
+    functional.set_backend(net, "temporal_fusion")
+    return net
+
+
+ZOO = {"spiking_resnet18": lambda d: _resnet(spiking_resnet, d), "sew_resnet18": lambda d: _resnet(sew_resnet, d),
+       "vgg": _vgg}
+FOLDED_PAIRS = {"spiking_resnet18": 9, "sew_resnet18": 17, "vgg": 3}
+TOL = {torch.float64: dict(out=1e-12, grad=1e-9, stats=1e-12), torch.float32: dict(out=1e-5, grad=1e-4, stats=1e-6)}
+
+
+def _run(net, x, label, train):
+    functional.reset_net(net)
+    net.zero_grad(set_to_none=True)
+    net.train(train)
+    with torch.set_grad_enabled(train):
+        out = net(x)
+        loss = torch.nn.functional.cross_entropy(out.mean(0), label)
+    if train:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return out.detach(), loss.detach(), grads, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _close(a, b, rel, floor=1e-30):
+    scale = max(a.abs().max().item(), b.abs().max().item(), floor)
+    return (a - b).abs().max().item() <= rel * scale
+
+
+def _grads_differ(grads_a, grads_b, rel):
+    """Names of the gradients that differ beyond ``rel`` of their largest entry, or of 1% of the
+    network's largest where a gradient is zero but for rounding (a convolution's bias before a
+    BatchNorm: the BatchNorm removes the mean)."""
+    largest = max([g.abs().max().item() for g in grads_a.values()], default=0.0)
+    return [k for k in grads_a if not _close(grads_a[k], grads_b[k], rel, 1e-2 * largest)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_folded_network_equals_unfolded(name, dtype):
+    plain = ZOO[name](dtype)
+    fold = sj_temporal_fusion.optimize(copy.deepcopy(plain), spike_bits=False, fold_bn=True)
+    assert len(folded(fold)) == FOLDED_PAIRS[name]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 2, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype)
+    label = torch.tensor([3, 7])
+    tol = TOL[dtype]
+    expressions = []
+    original = _host.launch
+
+    def spy(expression, *args, **kwargs):
+        expressions.append(expression)
+        return original(expression, *args, **kwargs)
+    # Two training calls (running statistics move, num_batches_tracked counts), then eval twice.
+    for train in (True, True, False, False):
+        a = _run(plain, x, label, train)
+        _host.launch = spy
+        try:
+            b = _run(fold, x, label, train)
+        finally:
+            _host.launch = original
+        (out_a, loss_a, grads_a, state_a), (out_b, loss_b, grads_b, state_b) = a, b
+        assert _close(out_a, out_b, tol["out"]) and _close(loss_a, loss_b, tol["out"])
+        assert grads_a.keys() == grads_b.keys() and (bool(grads_a) == train)
+        bad = _grads_differ(grads_a, grads_b, tol["grad"])
+        assert not bad, f"gradients differ beyond {tol['grad']}: {bad}"
+        assert state_a.keys() == state_b.keys()
+        for k in state_a:
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(state_a[k], state_b[k]), k
+            else:
+                assert _close(state_a[k], state_b[k], tol["stats"]), k
+    # The fast path ran: every folded pair launched a FOLD forward (and backward when training).
+    fold_forwards = [e for e in expressions if e.startswith("neuron_forward") and e.endswith(", true>")]
+    fold_backwards = [e for e in expressions if e.startswith("neuron_backward") and e.endswith(", true>")]
+    assert len(fold_forwards) == 4 * FOLDED_PAIRS[name] and len(fold_backwards) == 2 * FOLDED_PAIRS[name]
+
+
+def test_unfoldable_patterns_are_left_alone():
+    net = _resnet(spiking_resnet, torch.float32)
+    names = {n for pair in folded(sj_temporal_fusion.optimize(net, spike_bits=False, fold_bn=True)) for n in pair}
+    assert "layer1.0.bn1" in names and "layer1.0.sn1" in names
+    # bn2 goes to the residual add before sn2; the downsample's BatchNorm to the add.
+    assert not {n for n in names if n.endswith("bn2") or "downsample" in n}
+    # Something between the BatchNorm and the neuron, a BatchNorm used twice, a BatchNorm subclass.
+
+    class MyBN(torch.nn.BatchNorm2d):
+        pass
+    shared = torch.nn.BatchNorm2d(4)
+    odd = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Identity(),
+                            neuron.LIFNode(**LIF, step_mode="s")),
+        torch.nn.Sequential(shared, neuron.LIFNode(**LIF, step_mode="s"), shared, neuron.LIFNode(**LIF, step_mode="s")),
+        torch.nn.Sequential(MyBN(4), neuron.LIFNode(**LIF, step_mode="s")))
+    assert fold_pairs(odd) == []
+    with pytest.warns(UserWarning, match="nothing folded"):
+        sj_temporal_fusion.optimize(odd, spike_bits=False, fold_bn=True)
+    assert optimized(odd) == {"spike_bits": False, "fold_bn": False}
+
+
+def test_single_step_mode_and_torch_backend_fallback():
+    # A folded pair in step mode 's' (T = 1 per call) equals the unfolded one; a pair whose neuron
+    # runs another backend runs both modules unchanged.
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                neuron.LIFNode(**LIF, step_mode="s", backend="temporal_fusion")).double()
+    fold = sj_temporal_fusion.optimize(copy.deepcopy(plain), spike_bits=False, fold_bn=True)
+    x = torch.rand(2, 3, 9, 9, dtype=torch.float64)
+    for _ in range(2):  # two steps: the state carries over
+        torch.testing.assert_close(fold(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(fold[1].running_var, plain[1].running_var, rtol=1e-12, atol=0)
+    functional.set_backend(plain, "torch")
+    functional.set_backend(fold, "torch")
+    fold.load_state_dict(plain.state_dict())
+    functional.reset_net(plain)
+    functional.reset_net(fold)
+    assert torch.equal(fold(x), plain(x))
+    assert torch.equal(fold[1].running_mean, plain[1].running_mean)
+
+
+def test_state_dict_round_trip_copy_pickle_and_undo():
+    plain = _vgg(torch.float64)
+    fold = sj_temporal_fusion.optimize(copy.deepcopy(plain), spike_bits=True, fold_bn=True)
+    assert optimized(fold) == {"spike_bits": True, "fold_bn": True}
+    assert list(fold.state_dict()) == list(plain.state_dict())
+    x, label = torch.rand(2, 2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2])
+    _run(fold, x, label, True)  # the running statistics move
+    buffer = io.BytesIO()
+    torch.save(fold.state_dict(), buffer)
+    buffer.seek(0)
+    plain.load_state_dict(torch.load(buffer))  # a folded network's checkpoint loads in a plain one
+    fold.load_state_dict(plain.state_dict())   # and back
+    want = _run(plain, x, label, True)
+    functional.reset_net(fold)  # SpikingJelly's stored states are not graph leaves: no deepcopy before
+    for clone in (copy.deepcopy(fold), pickle.loads(pickle.dumps(fold)), fold):
+        assert len(folded(clone)) == 3
+        got = _run(clone, x, label, True)
+        assert _close(got[1], want[1], 1e-12)
+        assert got[2].keys() == want[2].keys() and not _grads_differ(want[2], got[2], 1e-9)
+    sj_temporal_fusion.optimize(fold, spike_bits=False, fold_bn=False)
+    assert optimized(fold) == {"spike_bits": False, "fold_bn": False}
+    assert not any("forward" in m.__dict__ for m in fold.modules())
+    fold.load_state_dict(plain.state_dict())
+    functional.reset_net(plain)
+    functional.reset_net(fold)
+    plain.eval()
+    fold.eval()
+    assert torch.equal(fold(x), plain(x))
