@@ -72,6 +72,8 @@ def all_name_expressions() -> list[str]:
         if m.shardable:
             names += [fixup_variant(m, f32, f) for f in forward_forms]
             names += [fixup_variant(m, d, first) for d in (f64, f16, bf16)]
+            names += [backward_variant(m, f32, DEFAULT_ID, f, True, shard=True) for f in m.forms]
+            names += [backward_variant(m, d, DEFAULT_ID, first, True, shard=True) for d in (f64, f16, bf16)]
         names += [backward_variant(m, d, DEFAULT_ID, f, True) for d in (f32, bf16) for f in m.forms]
         names += [backward_variant(m, f32, DEFAULT_ID, f, False) for f in m.forms]
         names += [backward_variant(m, d, s, first, False) for d in (f32, bf16) for s in range(len(SURROGATES))

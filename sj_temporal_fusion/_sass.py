@@ -185,6 +185,13 @@ def _package_resources(source: str, options: tuple, names: tuple, archs: tuple):
     return dict(zip(archs, results))
 
 
+def param_grads_of(name: str) -> bool:
+    """'neuron_backward<LifModel, float, 2, 5, true, ...>' -> True: the variant with parameter
+    gradients (template argument PGRAD, the fifth)."""
+    args = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")]
+    return name.startswith("neuron_backward<") and len(args) >= 5 and args[4] == "true"
+
+
 def dtype_of(name: str) -> str:
     """'neuron_backward<LifModel, bf16_t, 2, 8, true>' -> 'bf16_t'."""
     args = [a.strip() for a in name.split("<", 1)[1].rstrip(">").split(",")]

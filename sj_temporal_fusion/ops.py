@@ -163,7 +163,7 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
     outs = _backward_outputs(x, m.num_states, len(m.params), param_grads, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
     two = m.num_states == 2
-    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold), x, [
+    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold, shard=want_a or not want_grad_x), x, [
         ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", grad_aux_last if two else None),
         ("ptr", x), ("ptr", checkpoints), ("ptr", params), ("ptr", grad_x if want_grad_x else None),
         ("ptr", grad_v_init), ("ptr", grad_aux_init if two else None),

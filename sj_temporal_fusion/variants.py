@@ -20,9 +20,11 @@ def forward_variant(model: NeuronModel, dtype: torch.dtype, form: int, fold_bn: 
 
 
 def backward_variant(model: NeuronModel, dtype: torch.dtype, surrogate_id: int, form: int, param_grads: bool,
-                     fold_bn: bool = False) -> str:
+                     fold_bn: bool = False, shard: bool = False) -> str:
+    """``shard``: the time-sharded node's variant (grad_x optional, the carry factor)."""
+    tail = (f", {'true' if fold_bn else 'false'}, true" if shard else _fold(fold_bn))
     return (f"neuron_backward<{model.struct}, {CUDA_TYPES[dtype]}, {surrogate_id}, {form}, "
-            f"{'true' if param_grads else 'false'}{_fold(fold_bn)}>")
+            f"{'true' if param_grads else 'false'}{tail}>")
 
 
 def fixup_variant(model: NeuronModel, dtype: torch.dtype, form: int) -> str:

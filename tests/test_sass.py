@@ -69,11 +69,26 @@ def test_no_spills_or_local_memory(per_arch, arch):
     assert not bad, f"sm_{arch}: local memory in {len(bad)} variants:\n" + "\n".join(bad)
 
 
+def _floor(name: str) -> float:
+    """The occupancy a variant is bounded for (csrc/temporal.cu's __launch_bounds__): 50%, and
+    37.5% for the backward with parameter gradients (PLIF's w, KLIF's k, a learnable threshold),
+    which keeps a chunk's states, inputs and pre-spike values live at once and would spill at 64
+    registers."""
+    return 0.375 if _sass.param_grads_of(name) else _sass.MIN_OCCUPANCY
+
+
+def test_parameter_gradient_variants_are_recognised():
+    assert _sass.param_grads_of("neuron_backward<LifModel, float, 2, 5, true>")
+    assert _sass.param_grads_of("neuron_backward<LifModel, float, 2, 5, true, false, true>")
+    assert not _sass.param_grads_of("neuron_backward<LifModel, float, 2, 5, false, true>")
+    assert not _sass.param_grads_of("neuron_forward<LifModel, float, 5>")
+
+
 @pytest.mark.parametrize("arch", _sass.ARCHS)
 def test_registers_keep_half_occupancy(per_arch, arch):
     limit = _sass.max_registers_for(_sass.MIN_OCCUPANCY, _cuda.BLOCK)
     bad = [f"{r.name}: {r.registers} registers -> {_sass.occupancy(r.registers, _cuda.BLOCK):.1%}"
            for r in per_arch[arch]
-           if _sass.dtype_of(r.name) in FAST_DTYPES and _sass.occupancy(r.registers, _cuda.BLOCK) < _sass.MIN_OCCUPANCY]
+           if _sass.dtype_of(r.name) in FAST_DTYPES and _sass.occupancy(r.registers, _cuda.BLOCK) < _floor(r.name)]
     assert not bad, (f"sm_{arch}, block {_cuda.BLOCK}: above {limit} registers occupancy drops below "
                      f"{_sass.MIN_OCCUPANCY:.0%}:\n" + "\n".join(bad))

@@ -44,7 +44,9 @@ TF_HD acc_t surrogate_grad(acc_t x, acc_t a, acc_t b) {
     case SG_PIECEWISE_LEAKY_RELU: return ax < a ? one / a : b;  // a = w, b = c
     case SG_SQUAREWAVE_FOURIER_SERIES: {                         // a = n, b = T_period
       // cos((2i - 1) 2 pi x / T_period) as cospi((2i - 1) 2 x / T_period)
+      // Not unrolled: one term's registers at a time (the backward's chunk holds the rest).
       acc_t w = acc_t(2) / b, g = zero;
+#pragma unroll 1
       for (int i = 1; i < (int)a; ++i) g += tf_cospi(acc_t(2 * i - 1) * w * x);
       return g * (acc_t(4) / b);
     }
