@@ -84,17 +84,42 @@ def batch_norm_scale_shift(x: Tensor, channel_dim: int, running_mean: Optional[T
         n = xc.shape[0] * inner
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        var, mean = torch.var_mean(xc, dim=(0, 2), correction=0)
+        mean, invstd, var = _BatchStatistics.apply(xc, eps)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var.detach().to(running_var.dtype), alpha=momentum * n / (n - 1))
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * n / (n - 1))
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = torch.rsqrt(var + eps)
+        mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
     scale = invstd if weight is None else weight.to(acc) * invstd
     shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
     return scale.contiguous(), shift.contiguous(), inner, channels
+
+
+class _BatchStatistics(torch.autograd.Function):
+    """x (O, C, I) -> per-channel mean, 1 / sqrt(biased var + eps) and the biased var (not
+    differentiable). The backward writes dL/dx in one pass, dL/dx = a[c] + b[c] * x (autograd
+    through torch.var_mean would allocate several (O, C, I) temporaries: they set the step's peak
+    memory at the largest layer)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.mark_non_differentiable(var)
+        return mean, invstd, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_invstd, _grad_var):
+        x, mean, invstd = ctx.saved_tensors
+        n = x.shape[0] * x.shape[2]
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_invstd = torch.zeros_like(invstd) if grad_invstd is None else grad_invstd
+        # d invstd / dx = -invstd^3 (x - mean) / n, d mean / dx = 1 / n
+        b = -grad_invstd * invstd.pow(3) / n
+        a = grad_mean / n - b * mean
+        return torch.addcmul(a.view(1, -1, 1), b.view(1, -1, 1), x), None
 
 
 def neuron_multi_step(x_seq: Tensor, state: Optional[Sequence[Optional[Tensor]]] = None, *,

@@ -256,14 +256,21 @@ def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_che
 
 
 def _affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor, inner: int, channels: int, needs) -> tuple:
-    """dL/dy of y = x * scale[c] + shift[c] -> dL/dx, dL/dscale, dL/dshift (per-channel sums in
-    the state dtype)."""
-    shape = (-1, channels, inner)
-    g = grad_y.view(shape)
-    g_acc = g.to(scale.dtype)
-    grad_x = (g_acc * scale.view(1, -1, 1)).to(x.dtype).view(x.shape)
-    grad_scale = torch.einsum("oci,oci->c", g_acc, x.view(shape).to(scale.dtype)) if needs[0] else None
-    grad_shift = g_acc.sum((0, 2)) if needs[1] else None
+    """dL/dy of y = x * scale[c] + shift[c] -> dL/dx, dL/dscale = sum(dL/dy * x), dL/dshift =
+    sum(dL/dy) (per channel, state dtype). One fused pass and one new (T, *) tensor: PyTorch's
+    BatchNorm backward in eval mode with mean 0, variance 1, eps 0 and weight ``scale`` computes
+    exactly these (a torch expression would allocate a product tensor per sum)."""
+    shape = (grad_y.shape[0] * grad_y[0].numel() // (channels * inner), channels, inner)
+    if x.dtype == scale.dtype:
+        zeros, ones = scale.new_zeros(channels), scale.new_ones(channels)
+        grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+            grad_y.reshape(shape), x.reshape(shape), scale, zeros, ones, None, None, False, 0.0,
+            [True, bool(needs[0]), bool(needs[1])])
+        return grad_x.view(x.shape), grad_scale, grad_shift
+    g = grad_y.reshape(shape).to(scale.dtype)  # fp16 / bf16: sums in the state dtype
+    grad_x = (g * scale.view(1, -1, 1)).to(x.dtype).view(x.shape)
+    grad_scale = (g * x.reshape(shape).to(scale.dtype)).sum((0, 2)) if needs[0] else None
+    grad_shift = g.sum((0, 2)) if needs[1] else None
     return grad_x, grad_scale, grad_shift
 
 
