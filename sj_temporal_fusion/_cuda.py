@@ -53,36 +53,36 @@ def source() -> str:
 
 
 def all_name_expressions() -> list[str]:
-    """The kernel variants CI compiles (NVRTC, then ptxas for sm_80 and sm_90). Forms and
-    surrogates vary independently in the code, so every one of each is compiled, not their
-    product: per model, every forward FORM in every dtype; the fix-up in every FORM (fp32) and in
-    every dtype; the backward in every FORM with parameter gradients (the most registers) in fp32
-    and bf16 and without them in fp32, with every surrogate in fp32 and bf16, and with the default
-    surrogate in fp16 and fp64; the BatchNorm-folded forward and backward (with parameter
-    gradients) in every dtype. At run time a variant is compiled when first used."""
+    """The kernel variants CI compiles (NVRTC, then ptxas for sm_80 and sm_90). Forms, surrogates
+    and dtypes vary independently in the code, so each value of each is compiled, not their
+    product: per model, the forward and the fix-up in every FORM in fp32; the backward in every
+    FORM (with parameter gradients: the most registers) and with every surrogate in fp32; the time-sharding
+    backward in its first and last FORM; each kernel in its first and last FORM in fp16, bf16 and
+    fp64; the BatchNorm-folded forward and backward (with parameter gradients) in every dtype. At
+    run time a variant is compiled when first used."""
     from .neurons import REGISTRY
     from .surrogate import DEFAULT_ID, SURROGATES
     from .variants import backward_variant, fixup_variant, forward_variant
-    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    f32, others = torch.float32, (torch.float16, torch.bfloat16, torch.float64)
     names = []
     for m in REGISTRY.values():
         forward_forms = sorted({f & ~m.detach_bit for f in m.forms})
-        first = m.forms[0]
-        names += [forward_variant(m, d, f) for d in CUDA_TYPES for f in forward_forms]
+        ends = sorted({m.forms[0], m.forms[-1]})
+        forward_ends = sorted({forward_forms[0], forward_forms[-1]})
+        names += [forward_variant(m, f32, f) for f in forward_forms]
+        names += [forward_variant(m, d, f) for d in others for f in forward_ends]
         if m.shardable:
             names += [fixup_variant(m, f32, f) for f in forward_forms]
-            names += [fixup_variant(m, d, first) for d in (f64, f16, bf16)]
-            names += [backward_variant(m, f32, DEFAULT_ID, f, True, shard=True) for f in m.forms]
-            names += [backward_variant(m, d, DEFAULT_ID, first, True, shard=True) for d in (f64, f16, bf16)]
-        names += [backward_variant(m, d, DEFAULT_ID, f, True) for d in (f32, bf16) for f in m.forms]
-        names += [backward_variant(m, f32, DEFAULT_ID, f, False) for f in m.forms]
-        names += [backward_variant(m, d, s, first, False) for d in (f32, bf16) for s in range(len(SURROGATES))
-                  if s != DEFAULT_ID]
-        names += [backward_variant(m, d, DEFAULT_ID, first, g) for d in (f16, f64) for g in (False, True)]
+            names += [fixup_variant(m, d, f) for d in others for f in forward_ends]
+            names += [backward_variant(m, d, DEFAULT_ID, f, True, shard=True) for d in (f32, *others) for f in ends]
+        names += [backward_variant(m, f32, DEFAULT_ID, f, True) for f in m.forms]  # the most registers
+        names += [backward_variant(m, f32, DEFAULT_ID, f, False) for f in ends]
+        names += [backward_variant(m, f32, s, m.forms[0], False) for s in range(len(SURROGATES)) if s != DEFAULT_ID]
+        names += [backward_variant(m, d, DEFAULT_ID, f, g) for d in others for f in ends for g in (False, True)]
         # BatchNorm folded (FOLD): the affine read of x in every dtype, with the most registers
         # (parameter gradients) in the backward.
-        names += [forward_variant(m, d, first & ~m.detach_bit, True) for d in CUDA_TYPES]
-        names += [backward_variant(m, d, DEFAULT_ID, first, True, True) for d in CUDA_TYPES]
+        names += [forward_variant(m, d, forward_forms[0], True) for d in CUDA_TYPES]
+        names += [backward_variant(m, d, DEFAULT_ID, m.forms[0], True, True) for d in CUDA_TYPES]
     return names
 
 
