@@ -57,7 +57,9 @@ TF_HD acc_t surrogate_grad(acc_t x, acc_t a, acc_t b) {
     case SG_Q_PSEUDO_SPIKE: return tf_pow(one + acc_t(2) / (a - one) * ax, -a);
     case SG_LEAKY_K_RELU: return x >= zero ? b : a;              // a = leak, b = k
     case SG_FAKE_NUMERICAL_GRADIENT: {
-      acc_t g = (x >= zero ? one : -one) / x;
+      // sign(x) / x is 1 / |x|: x = h - v_threshold is never -0 (a difference of equal finite
+      // numbers is +0), and +0 gives +inf either way.
+      acc_t g = one / ax;
       return g > a ? a : g;                                      // clamp_max, NaN kept
     }
     case SG_LOG_TAILED_RELU: return x > one ? one / x : (x <= zero ? a : one);
