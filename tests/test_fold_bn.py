@@ -41,7 +41,8 @@ def _case(dtype, T=19, shape=(3, 5, 7), seed=0):
 
 def _x_eff(x, scale, shift, inner, channels):
     acc = scale.dtype
-    return (x.to(acc).reshape(x.shape[0], -1, channels, inner) * scale.view(-1, 1)).add(shift.view(-1, 1)).reshape(x.shape)
+    x4 = x.to(acc).reshape(x.shape[0], -1, channels, inner)
+    return (x4 * scale.view(-1, 1)).add(shift.view(-1, 1)).reshape(x.shape)  # multiply, then add
 
 
 @pytest.mark.parametrize("gpu_shape", [False, True], ids=["cpu_shape", "gpu_shape"])
@@ -164,7 +165,8 @@ def _vgg(dtype):
         layer.Conv2d(3, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), neuron.LIFNode(**LIF),
         layer.SeqToANNContainer(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=None)),
         neuron.ParametricLIFNode(v_threshold=0.3, surrogate_function=S.Sigmoid(alpha=4.)),
-        layer.MaxPool2d(2), layer.Flatten(start_dim=1), layer.SeqToANNContainer(torch.nn.Linear(8 * 8 * 8, 16), torch.nn.BatchNorm1d(16, affine=False)),
+        layer.MaxPool2d(2), layer.Flatten(start_dim=1),
+        layer.SeqToANNContainer(torch.nn.Linear(8 * 8 * 8, 16), torch.nn.BatchNorm1d(16, affine=False)),
         neuron.LIFNode(**LIF), layer.Linear(16, 10)).to(dtype)
     functional.set_step_mode(net, "m")
     functional.set_backend(net, "temporal_fusion")
