@@ -41,7 +41,7 @@ template <typename scalar_t> using acc_type = typename acc_of<scalar_t>::type;
 
 template <class M, typename acc_t>
 TF_HD void load_params(const acc_t* __restrict__ params, acc_t* p) {
-#pragma unroll
+TF_UNROLL
   for (int i = 0; i < M::NP; ++i) p[i] = tf_load(params, i);
 }
 
@@ -51,14 +51,14 @@ template <class M, typename acc_t>
 TF_HD void load_state(const acc_t* __restrict__ v, const acc_t* __restrict__ aux, long long N,
                       acc_t (*z)[TF_LANES], const LaneRange& r) {
   static_assert(M::S >= 1 && M::S <= 2, "a model has one or two state variables");
-#pragma unroll
+TF_UNROLL
   for (int k = 0; k < M::S; ++k) LANE_FOR(l, r.count) z[k][l] = tf_load(k ? aux : v, r.base + l * TF_LANE_STRIDE);
 }
 
 template <class M, typename acc_t>
 TF_HD void store_state(acc_t* __restrict__ v, acc_t* __restrict__ aux, long long N, acc_t (*z)[TF_LANES],
                        const LaneRange& r) {
-#pragma unroll
+TF_UNROLL
   for (int k = 0; k < M::S; ++k) LANE_FOR(l, r.count) tf_store(k ? aux : v, r.base + l * TF_LANE_STRIDE, z[k][l]);
 }
 
@@ -112,14 +112,14 @@ TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ 
       const acc_t xv = bn(to_acc(tf_load(x, idx)), l);
 #endif
       acc_t zl[M::S];
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) zl[k] = z[k][l];
       const acc_t h = M::template charge<FORM>(zl, xv, p);
       const acc_t s = tf_fire(h, p[M::V_TH]);
       M::template reset<FORM>(zl, h, s, p);
       tf_store(spike, idx, from_acc<scalar_t>(s));
       if (VSEQ) tf_store(v_seq, idx, from_acc<scalar_t>(zl[0]));
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) z[k][l] = zl[k];
     }
   }
@@ -168,12 +168,12 @@ TF_HD void backward_recompute(const scalar_t* __restrict__ x, const acc_t* p, ac
       const acc_t xv = bn(to_acc(tf_load(x, row + l * TF_LANE_STRIDE)), l);
       xs[j][l] = xv;
       acc_t zl[M::S];
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) zs[j][k][l] = zl[k] = z[k][l];
       const acc_t h = M::template charge<FORM>(zl, xv, p);
       hs[j][l] = h;
       M::template reset<FORM>(zl, h, tf_fire(h, p[M::V_TH]), p);
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) z[k][l] = zl[k];
     }
   }
@@ -194,7 +194,7 @@ TF_HD acc_t step_vjp(const acc_t* zp, acc_t xv, acc_t h, const acc_t* p, acc_t s
   gh += gs * sg;
   gp[M::V_TH] -= gs * sg;
   M::template charge_vjp<FORM>(zp, xv, p, gh, gzp, gx, gp);
-#pragma unroll
+TF_UNROLL
   for (int k = 0; k < M::S; ++k) gz[k] = gzp[k];
   return gx;
 }
@@ -215,18 +215,18 @@ TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_
     LANE_FOR(l, r.count) {
       const long long idx = row + l * TF_LANE_STRIDE;
       acc_t zp[M::S], g[M::S], gpl[M::NP];
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) { zp[k] = zs[j][k][l]; g[k] = gz[k][l]; }
-#pragma unroll
+TF_UNROLL
       for (int i = 0; i < M::NP; ++i) gpl[i] = PGRAD ? gp[i][l] : acc_t(0);
       if (vseq) g[0] += to_acc(tf_load(grad_v_seq, idx));
       const acc_t gx = step_vjp<M, SG, FORM>(zp, xs[j][l], hs[j][l], p, sg_a, sg_b, g,
                                              to_acc(tf_load(grad_spike, idx)), gpl);
       if (gx_wanted) tf_store(grad_x, idx, from_acc<scalar_t>(gx));
-#pragma unroll
+TF_UNROLL
       for (int k = 0; k < M::S; ++k) gz[k][l] = g[k];
       if (PGRAD) {
-#pragma unroll
+TF_UNROLL
         for (int i = 0; i < M::NP; ++i) gp[i][l] = gpl[i];
       }
       if (a_wanted) {  // the linear factor dz_{t-1}/dz_t: the vjp of a unit carry with no spike gradient
@@ -268,12 +268,12 @@ TF_KERNEL_BACKWARD void neuron_backward(const scalar_t* __restrict__ grad_spike,
   Affine<FOLD, acc_t> bn;
   bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
   acc_t gz[M::S][TF_LANES], gp[PGRAD ? M::NP : 1][TF_LANES], a[TF_LANES], z[M::S][TF_LANES];
-#pragma unroll
+TF_UNROLL
   for (int k = 0; k < M::S; ++k) {
     const acc_t* g = k ? grad_aux_last : grad_v_last;
     LANE_FOR(l, r.count) gz[k][l] = g ? tf_load(g, r.base + l * TF_LANE_STRIDE) : acc_t(0);
   }
-#pragma unroll
+TF_UNROLL
   for (int i = 0; i < (PGRAD ? M::NP : 1); ++i) LANE_FOR(l, r.count) gp[i][l] = acc_t(0);
   LANE_FOR(l, r.count) a[l] = acc_t(1);
   acc_t zs[CHUNK_OF(M)][M::S][TF_LANES], xs[CHUNK_OF(M)][TF_LANES], hs[CHUNK_OF(M)][TF_LANES];  // a chunk, recomputed
@@ -291,7 +291,7 @@ TF_KERNEL_BACKWARD void neuron_backward(const scalar_t* __restrict__ grad_spike,
   }
   store_state<M>(grad_v_init, grad_aux_init, N, gz, r);
   if (PGRAD) {
-#pragma unroll
+TF_UNROLL
     for (int i = 0; i < M::NP; ++i)
       if (grad_params_mask >> i & 1) LANE_FOR(l, r.count) tf_store(grad_params, (long long)i * N + r.base + l * TF_LANE_STRIDE, gp[i][l]);
   }
