@@ -17,9 +17,10 @@ Three parts, each comparing the temporal_fusion backend with SpikingJelly's torc
      differ by several points; the two backends are alike when their means lie within that spread.
 
 Options: ``--device cpu``, ``--skip-train`` (parts 1 and 2 only), ``--step-T``, ``--step-batch``;
-other arguments go to table1.py (e.g. ``--epochs 2``, ``--repeats 5``). On the 2-core CI-class
-CPU the whole demo takes about 4 minutes when the machine is otherwise idle; timings taken while
-other work runs are marked with the load average.
+other arguments go to table1.py (e.g. ``--epochs 2``, ``--repeats 5``). Sized for about 4
+minutes on an idle 2-core CPU (estimated from per-step costs, not yet timed on an idle one: on
+the shared development VM at load average 7-12 it took 45 minutes); timings taken while other
+work runs are marked with the load average.
 """
 from __future__ import annotations
 

@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # builds the host kernels first (one g++ run, ~35-60 s). pytest -m gpu includes the cupy column
 # of the tiny Table 1 runs (its fixture trains the CPU backends too). bench lif: 168 cases
 # (7 T x 3 dtypes x 2 modes x 4 methods) at <= 0.5 s of timing each.
-BUDGETS = {"doctor": 90, "pytest_gpu": 110, "bench_lif": 130, "bench_memory": 50, "bench_net": 50, "ncu": 40}
+BUDGETS = {"doctor": 90, "pytest_gpu": 100, "bench_lif": 105, "bench_memory": 45, "bench_net": 50,
+           "nccl_smoke": 40, "ncu": 40}
 CPU_SMOKE_BUDGETS = {"doctor": 120, "pytest_gpu": 60, "bench_lif": 120, "bench_memory": 120, "bench_net": 180,
-                     "ncu": 60}
+                     "nccl_smoke": 120, "ncu": 60}
 NCU_METRICS = ("dram__throughput.avg.pct_of_peak_sustained_elapsed",
                "sm__warps_active.avg.pct_of_peak_sustained_active")
 
@@ -235,9 +236,23 @@ def parse_ncu_csv(text: str) -> list[dict]:
     return out
 
 
+def stage_nccl_smoke(ctx) -> Stage:
+    """The single-GPU NCCL smoke run of the time-sharded node (docs/time_sharding.md): shard
+    kernels on CUDA against the host build, a one-rank communicator's send/receive to itself, a
+    lone receive that must time out, a one-rank TimeShardedNode against one device, all under
+    -W error::DeprecationWarning; on the CPU its dry run."""
+    stage = Stage("nccl_smoke")
+    run_process(stage, [python(), "-W", "error::DeprecationWarning", "-m", "sj_temporal_fusion.distributed.smoke",
+                        "--json", str(ctx.out / "nccl-smoke.json")] + ([] if ctx.cuda else ["--dry-run"]),
+                ctx.budget("nccl_smoke"), ctx.out)
+    stage.files.append("nccl-smoke.json")
+    return stage
+
+
 STAGES: list[tuple[str, Callable]] = [("doctor", stage_doctor), ("pytest_gpu", stage_pytest_gpu),
                                       ("bench_lif", stage_bench_lif), ("bench_memory", stage_bench_memory),
-                                      ("bench_net", stage_bench_net), ("ncu", stage_ncu)]
+                                      ("bench_net", stage_bench_net), ("nccl_smoke", stage_nccl_smoke),
+                                      ("ncu", stage_ncu)]
 
 
 # ---------------------------------------------------------------- the stand-in for bench net

@@ -50,7 +50,7 @@ class _Registry:
 
     def __init__(self):
         self.tags: dict[int, list[_Tag]] = {}
-        self.packed: dict[tuple, "PackedSpikes"] = {}  # one packed copy per saved view
+        self.packed: dict[tuple, "PackedSpikes"] = {}  # one packed copy per (tag, view)
         self.counts = {"packed": 0, "reused": 0, "kept": 0, "packed_bytes": 0, "saved_bytes": 0}
 
     def add(self, t: Tensor) -> None:
@@ -59,18 +59,22 @@ class _Registry:
         self.tags.setdefault(t.untyped_storage().data_ptr(), []).append(
             _Tag(weakref.ref(t), t._version, t.dtype))
 
-    def known_spikes(self, t: Tensor) -> bool:
-        """True when ``t`` is a view of a live tagged tensor, of its dtype, never written in place
-        since tagging."""
+    def source_of(self, t: Tensor) -> Optional[_Tag]:
+        """The tag of the live tensor whose storage ``t`` views, when ``t`` has its dtype and
+        neither was written in place since tagging; else None. While the tagged tensor lives its
+        storage cannot be reused, so the address identifies it; a dead tag never matches."""
         if t.numel() == 0 or t.layout != torch.strided:
-            return False
+            return None
         for tag in self.tags.get(t.untyped_storage().data_ptr(), ()):
             source = tag.ref()
             if (source is not None and tag.dtype == t.dtype and source._version == tag.version
                     and t._version == tag.version
                     and source.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()):
-                return True
-        return False
+                return tag
+        return None
+
+    def known_spikes(self, t: Tensor) -> bool:
+        return self.source_of(t) is not None
 
 
 def _registry() -> Optional[_Registry]:
@@ -170,11 +174,14 @@ class PackedSpikes:
 
 def _pack(t: Tensor):
     registry = _registry()
-    if registry is None or not registry.known_spikes(t):
+    source = None if registry is None else registry.source_of(t)
+    if source is None:
         if registry is not None:
             registry.counts["kept"] += 1
         return t
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    # Keyed by the tag, not the address: a freed spike tensor's memory is often reused by the
+    # next one of the same shape within the same forward pass (tests/test_spike_bits.py).
+    key = (id(source), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
     packed = registry.packed.get(key)
     if packed is not None:
         registry.counts["reused"] += 1

@@ -50,12 +50,13 @@ def test_breakdown_attributes_backward_to_the_forward_layer():
         def __init__(self):
             self.method, self.mode, self.device = "x", "train", torch.device("cpu")
             self.net = torch.nn.Conv2d(3, 64, 5)
-            self.x = torch.rand(16, 3, 48, 48)
+            self.x = torch.rand(16, 3, 48, 48, requires_grad=True)  # backward: grad input and weight
             self.loss = None
 
         def step(self):
             self.net.zero_grad(set_to_none=True)
-            self.loss = self.net(self.x).square().mean()
+            self.x.grad = None
+            self.loss = self.net(self.x).sum()  # cheap outside the convolution, forward and backward
             self.loss.backward()
     parts = net.breakdown(OnlyConv())
     assert parts["neuron"] == 0 and parts["bn"] == 0

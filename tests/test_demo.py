@@ -57,3 +57,46 @@ def test_table1_seeds_section_lists_every_seed_and_warns_under_three():
     assert "| Spiking-ResNet18 | Digits | SpikingJelly (torch) | 0, 1, 2 | 50.00, 52.00, 54.00 | 52.00 ± 1.00 | 50.00 - 54.00 |" in text
     assert "one seed: no spread" in text
     assert any("fewer than 3 seeds" in note for note in table.notes)
+
+
+def test_first_steps_agree_at_step_one_on_real_digits():
+    import torch
+    from experiments import config as configs
+    config = configs.load(demo.CONFIG, {"T": 2, "batch_size": 4})
+    result = demo.first_steps(config, torch.device("cpu"), steps=2)
+    assert result["loss_abs_diff"] < 1e-5
+    assert result["grad_max_abs_diff"] < 1e-5 * max(1.0, result["grad_max_abs"])
+    assert [h["step"] for h in result["steps"]] == [1, 2]
+    assert result["grad_elements"] > 10_000_000  # every parameter of Spiking-ResNet18 compared
+    assert "First steps" in demo.markdown({"first_step": result, "seconds": 1.0})
+
+
+def test_step_at_T_rows():
+    import torch
+    step = demo.step_at_T(torch.device("cpu"), T=2, batch=1, reps=1)
+    rows = {r["method"]: r for r in step["rows"]}
+    assert set(rows) == {"torch", "temporal_fusion", "temporal_fusion+spike_bits"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["peak_mib"] > 0, r
+    assert rows["temporal_fusion+spike_bits"]["grad_bitwise_equal_to_temporal_fusion"] is True
+
+
+def test_train_reads_every_seed_of_each_backend(tmp_path, monkeypatch):
+    import json
+    calls = []
+
+    def fake_table1(argv):
+        calls.append(argv)
+        for b, base in (("temporal_fusion", 60.0), ("torch", 61.0)):
+            folder = tmp_path / "digits_resnet18" / b
+            folder.mkdir(parents=True)
+            metrics = {"repeats": [{"seed": s, "best_accuracy": base + s} for s in range(3)],
+                       "summary": {"train_seconds": 12.0}, "config": {"epochs": 1, "T": 4}}
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+        return 0
+    monkeypatch.setattr(demo.table1, "main", fake_table1)
+    result = demo.train(["--epochs", "1"], tmp_path, "cpu")
+    assert calls[0][-2:] == ["--epochs", "1"] and "--device" in calls[0]
+    assert result["runs"]["torch"]["accuracy"] == [61.0, 62.0, 63.0]
+    assert result["runs"]["torch"]["mean"] == 62.0 and result["runs"]["torch"]["std"] == 1.0
+    assert result["runs"]["temporal_fusion"]["seeds"] == [0, 1, 2]

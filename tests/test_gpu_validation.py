@@ -24,7 +24,7 @@ def test_cpu_smoke_runs_every_stage_or_says_why_not(smoke):
     code, out, report = smoke
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == [name for name, _ in gv.STAGES]
-    for name in ("doctor", "bench_lif", "bench_memory", "bench_net"):
+    for name in ("doctor", "bench_lif", "bench_memory", "bench_net", "nccl_smoke"):
         assert stages[name]["status"] == "ok", (name, stages[name]["reason"], stages[name]["log_tail"])
     for name in ("pytest_gpu", "ncu"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"].startswith("CUDA only")

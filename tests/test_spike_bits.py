@@ -106,3 +106,38 @@ def test_session_closes_and_outside_nothing_is_tagged():
     s = random_spikes((8,), torch.float32)
     spike_bits.tag(s)  # outside a session: a no-op
     assert not spike_bits.is_tagged(s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_neuron_spikes_are_exactly_plus_zero_and_one(dtype):
+    # What exactness rests on: the kernel writes +0.0 or 1.0, never -0.0 or anything else, so
+    # the bits restore the spike tensor byte for byte.
+    import sj_temporal_fusion  # noqa: F401 - registers the backend
+    from spikingjelly.activation_based import neuron, surrogate
+    node = neuron.LIFNode(tau=1.25, decay_input=False, v_threshold=0.3, step_mode="m",
+                          surrogate_function=surrogate.Sigmoid(alpha=4.), backend="temporal_fusion")
+    g = torch.Generator().manual_seed(5)
+    x = (0.3 + 0.5 * torch.randn(13, 7, 19, generator=g)).to(dtype).requires_grad_()
+    s = node(x)
+    assert 0 < s.float().mean().item() < 1
+    assert torch.equal(bits_of(s.detach()), bits_of((s.detach() != 0).to(dtype)))
+
+
+def test_freed_spikes_whose_memory_is_reused_are_not_confused():
+    # With spike bits a spike tensor is freed as soon as its readers are done (only its bits
+    # are kept), and the next spike tensor of the same shape often gets the same address: a
+    # packed copy must never be looked up by address alone.
+    w = torch.randn(4096, requires_grad=True)
+    expected, losses, addresses = torch.zeros(4096), [], []
+    with spike_bits.saving() as registry:
+        for i in range(12):
+            s = random_spikes((4096,), torch.float32, seed=i)
+            spike_bits.tag(s)
+            addresses.append(s.data_ptr())
+            losses.append((s * w).sum())  # saves s for w's gradient
+            expected += s
+            del s
+    assert registry.counts["packed"] == 12
+    assert len(set(addresses)) < len(addresses), "the allocator reused no address: nothing tested"
+    torch.stack(losses).sum().backward()
+    assert torch.equal(w.grad, expected)

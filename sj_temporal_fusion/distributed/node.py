@@ -276,9 +276,7 @@ class TimeShardedNode(nn.Module):
             raise ValueError(f"time-sharded rank {j}: {self.describe('forward')}: this rank's slice is "
                              f"empty; a group of {k} ranks needs at least {k} time steps")
         if status == _WRONG_T:
-            if self.T < k:
-                time_slice(self.T, j, k)  # raises: T cannot be split over k ranks
-            s = time_slice(self.T, j, k)
+            s = time_slice(self.T, j, k)  # raises, saying so, when T < k
             raise ValueError(
                 f"time-sharded rank {j}: {self.describe('forward')} got {steps} steps, but "
                 f"T={self.T} over {k} ranks gives this rank {want} "
@@ -297,9 +295,11 @@ class TimeShardedNode(nn.Module):
         transport = transport_for(x_local.device, self.group, self.timeout)
         j, k = transport.rank, transport.size
         shape = tuple(x_local.shape[1:])
+        # This rank's verdict on its own slice travels in the header, so its neighbours raise too.
         status, want = _OK, -1
         if self.T is not None:
-            want = self.T // k + (1 if j < self.T % k else 0) if self.T >= k else 0
+            mine = time_slice(self.T, j, k) if self.T >= k else slice(0, 0)
+            want = mine.stop - mine.start
         if x_local.shape[0] == 0:
             status = _EMPTY
         elif self.T is not None and x_local.shape[0] != want:

@@ -490,6 +490,8 @@ class NcclTransport(Transport):
                 finally:
                     self.nccl.groupEnd()  # an open group would swallow every later NCCL call of this thread
             except Exception as exc:
+                if self.error is not None:  # the watchdog aborted under a stuck host: its error is the cause
+                    raise self.error from exc
                 # Part of the group may have been issued: this rank is out of step with its peers.
                 self.error = self.fail(peer, what, f"enqueueing failed: {_first_line(exc)}",
                                        watched.is_send, 0.0, timeout)
