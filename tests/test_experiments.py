@@ -245,7 +245,7 @@ def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     backends = ["torch", "temporal_fusion"] + (["cupy"] if CUPY_OK else [])
     results = {}
-    original = sj_hook.lif_multi_step
+    original = sj_hook.neuron_multi_step
     for (arch, dataset), extra in RUNS.items():
         for backend in backends:
             calls = []
@@ -254,14 +254,14 @@ def tiny_runs(tmp_path_factory):
                 calls.append(1)
                 return original(*args, **kwargs)
 
-            sj_hook.lif_multi_step = counting
+            sj_hook.neuron_multi_step = counting
             try:
                 out = root / f"{arch}_{dataset}" / backend
                 cell = configs.CONFIG_DIR / f"{CELL[dataset]}_{arch[len('spiking_'):]}.yaml"
                 metrics = train.main(["--config", str(cell), "--dataset", dataset, "--backend", backend,
                                       "--device", DEVICE[backend], "--out", str(out)] + TINY + extra)
             finally:
-                sj_hook.lif_multi_step = original
+                sj_hook.neuron_multi_step = original
             results[arch, dataset, backend] = {"metrics": metrics, "out": out, "fused_calls": len(calls)}
     return root, results
 
