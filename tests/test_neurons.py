@@ -22,7 +22,7 @@ CSRC = Path(sj_temporal_fusion.__file__).parent / "csrc"
 def test_header_matches_the_python_description(name):
     m = REGISTRY[name]
     header = (CSRC / "neurons" / f"{name}.cuh").read_text()
-    enum = re.search(rf"struct {m.struct} {{\s*enum {{([^}}]*)}}", header)
+    enum = re.search(rf"struct {m.struct}\b[^{{]*{{[^\n]*\n\s*enum {{([^}}]*)}}", header)
     assert enum, f"csrc/neurons/{name}.cuh defines no struct {m.struct} with its enum"
     values = dict(re.findall(r"(\w+) = (\d+)", enum.group(1)))
     assert int(values["S"]) == m.num_states and int(values["NP"]) == len(m.params)

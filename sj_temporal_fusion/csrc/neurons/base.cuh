@@ -44,3 +44,22 @@ TF_HD acc_t base_reset_vjp(acc_t h, acc_t s, acc_t v_threshold, acc_t v_reset, a
   g_threshold -= gv * s;
   return gv;
 }
+
+// SpikingJelly's BaseNode reset as a model's reset / reset_vjp: a model with one state variable and
+// that reset derives from BaseNodeReset<itself> and defines Form<FORM>::HARD / DETACH, V_TH, V_RESET.
+template <class M>
+struct BaseNodeReset {
+  template <int FORM, typename acc_t>
+  static TF_HD void reset(acc_t* z, acc_t h, acc_t s, const acc_t* p) {
+    z[0] = base_reset<(bool)M::template Form<FORM>::HARD>(h, s, p[M::V_TH], p[M::V_RESET]);
+  }
+
+  template <int FORM, typename acc_t>
+  static TF_HD void reset_vjp(const acc_t*, acc_t h, acc_t s, const acc_t* p, const acc_t* gz, acc_t& gh,
+                              acc_t& gs, acc_t* gz_prev, acc_t* gp) {
+    enum { HARD = M::template Form<FORM>::HARD, DETACH = M::template Form<FORM>::DETACH };
+    gh = base_reset_vjp<(bool)HARD, (bool)DETACH>(h, s, p[M::V_TH], p[M::V_RESET], gz[0], gs, gp[M::V_TH],
+                                                  gp[M::V_RESET]);
+    gz_prev[0] = acc_t(0);
+  }
+};

@@ -15,7 +15,7 @@
 #define LIF_H_MUL_NODECAY 6  // v - (v - v_reset) * k + x
 #define LIF_H_KEEP 7         // v * keep + x  (keep = 1 - 1/tau in double, or 1 - k)
 
-struct LifModel {
+struct LifModel : BaseNodeReset<LifModel> {  // its reset: BaseNode's
   enum { S = 1, NP = 5, CHUNK = 16, TAU = 0, K = 1, KEEP = 2, V_TH = 3, V_RESET = 4 };
   template <int FORM> struct Form {
     enum { CHARGE = FORM & 7, HARD = (FORM >> 3) & 1, DETACH = (FORM >> 4) & 1 };
@@ -34,19 +34,6 @@ struct LifModel {
       case LIF_H_MUL_NODECAY: return v - (v - p[V_RESET]) * p[K] + x;
       default: return v * p[KEEP] + x;
     }
-  }
-
-  template <int FORM, typename acc_t>
-  static TF_HD void reset(acc_t* z, acc_t h, acc_t s, const acc_t* p) {
-    z[0] = base_reset<Form<FORM>::HARD>(h, s, p[V_TH], p[V_RESET]);
-  }
-
-  template <int FORM, typename acc_t>
-  static TF_HD void reset_vjp(const acc_t* z, acc_t h, acc_t s, const acc_t* p, const acc_t* gz,
-                              acc_t& gh, acc_t& gs, acc_t* gz_prev, acc_t* gp) {
-    gh = base_reset_vjp<Form<FORM>::HARD, Form<FORM>::DETACH>(h, s, p[V_TH], p[V_RESET], gz[0], gs,
-                                                              gp[V_TH], gp[V_RESET]);
-    gz_prev[0] = acc_t(0);
   }
 
   template <int FORM, typename acc_t>

@@ -3,7 +3,7 @@
 #pragma once
 #include "neurons/base.cuh"
 
-struct QifModel {
+struct QifModel : BaseNodeReset<QifModel> {  // its reset: BaseNode's
   enum { S = 1, NP = 6, CHUNK = 16, TAU = 0, V_C = 1, A0 = 2, V_TH = 3, V_RESET = 4, V_REST = 5 };
   template <int FORM> struct Form { enum { HARD = FORM & 1, DETACH = (FORM >> 1) & 1 }; };
 
@@ -11,19 +11,6 @@ struct QifModel {
   static TF_HD acc_t charge(const acc_t* z, acc_t x, const acc_t* p) {
     const acc_t v = z[0];
     return v + (x + p[A0] * (v - p[V_REST]) * (v - p[V_C])) / p[TAU];
-  }
-
-  template <int FORM, typename acc_t>
-  static TF_HD void reset(acc_t* z, acc_t h, acc_t s, const acc_t* p) {
-    z[0] = base_reset<Form<FORM>::HARD>(h, s, p[V_TH], p[V_RESET]);
-  }
-
-  template <int FORM, typename acc_t>
-  static TF_HD void reset_vjp(const acc_t* z, acc_t h, acc_t s, const acc_t* p, const acc_t* gz,
-                              acc_t& gh, acc_t& gs, acc_t* gz_prev, acc_t* gp) {
-    gh = base_reset_vjp<Form<FORM>::HARD, Form<FORM>::DETACH>(h, s, p[V_TH], p[V_RESET], gz[0], gs,
-                                                              gp[V_TH], gp[V_RESET]);
-    gz_prev[0] = acc_t(0);
   }
 
   template <int FORM, typename acc_t>
