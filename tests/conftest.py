@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def require_nvrtc():
+    """CuPy's NVRTC module, or a skip naming why it cannot be loaded (CuPy missing, or its NVRTC
+    library not loadable): the tests that compile GPU kernels without a GPU need it."""
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:
+        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    return nvrtc

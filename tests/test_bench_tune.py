@@ -1,10 +1,10 @@
 """bench tune (sj_temporal_fusion/bench/tune.py): shapes the kernels cannot launch are skipped
 with the ptxas register count, decided on the CPU from the compiled sm_90 machine code."""
-import pytest
 import torch
 
 from sj_temporal_fusion import _cuda, _sass
 from sj_temporal_fusion.bench import tune
+from conftest import require_nvrtc
 
 
 def test_a_shape_beyond_the_register_file_is_refused_with_the_reason():
@@ -18,11 +18,7 @@ def test_a_shape_beyond_the_register_file_is_refused_with_the_reason():
 
 def test_launch_problem_follows_the_compiled_registers_of_each_shape():
     """Real compile of the training kernels at 4 lanes (the issue's 174-register case) for sm_90."""
-    try:
-        from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
-        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    require_nvrtc()
     names = tune.launched_kernels("train", torch.float32)
     assert len(names) == 2 and names[1].startswith("neuron_backward")
     with tune.launch_shape(torch.device("cuda"), 512, 4):

@@ -11,15 +11,7 @@ from sj_temporal_fusion.compat import numpy_int_alias
 from sj_temporal_fusion.functional import lif_multi_step
 
 from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
-
-
-def _nvrtc():
-    try:
-        from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
-        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
-    return nvrtc
+from conftest import require_nvrtc
 
 
 def test_cupy_compile_path_compiles_every_variant():
@@ -28,7 +20,7 @@ def test_cupy_compile_path_compiles_every_variant():
     ``-ftz=false``), for sm_80 and sm_90; only the device query that picks the architecture is
     replaced (``_sass``). The compile is shared with tests/test_sass.py. At run time each variant
     compiles alone, for the device's own architecture, and is cached on disk."""
-    _nvrtc()
+    require_nvrtc()
     names = _cuda.all_name_expressions()
     assert len(names) >= 4 * 14
     per_arch = _sass.package_resources(_sass.ARCHS)
@@ -46,7 +38,7 @@ def _forward_name():
 def test_cupy_compile_options_and_cubin():
     """The options are the launcher's plus CuPy's, without CuPy's -ftz=true (fp32 subnormals are
     kept, as on the host), and the result is sm_90 machine code (ELF)."""
-    _nvrtc()
+    require_nvrtc()
     options = _sass.cupy_options(_cuda.OPTIONS)
     assert set(_cuda.OPTIONS) <= set(options) and "-ftz=false" in options and "-ftz=true" not in options
     assert any(o.startswith("-I") and "cupy" in o for o in options)
@@ -58,7 +50,7 @@ def test_cupy_compile_options_and_cubin():
 def test_nvrtc_build_does_not_contract_fma():
     """--fmad=false: the forward kernel's PTX has no fused multiply-add, so it rounds like g++
     with -ffp-contract=off and the two builds agree bit for bit."""
-    nvrtc = _nvrtc()
+    nvrtc = require_nvrtc()
     prog = nvrtc.createProgram(_cuda.source(), "variant.cu", [], [])
     name = _forward_name()
     nvrtc.addNameExpression(prog, name)

@@ -8,6 +8,7 @@ are exempt: fp64 is for exactness, not speed). How occupancy is computed: ``_sas
 import pytest
 
 from sj_temporal_fusion import _cuda, _sass
+from conftest import require_nvrtc
 
 FAST_DTYPES = ("float", "f16_t", "bf16_t")
 
@@ -46,11 +47,7 @@ def test_ptxas_report_is_parsed():
 
 @pytest.fixture(scope="module")
 def per_arch():
-    try:
-        from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
-        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    require_nvrtc()
     return _sass.package_resources(_sass.ARCHS)
 
 

@@ -22,6 +22,7 @@ import torch
 from sj_temporal_fusion import _cuda
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.variants import backward_variant, forward_variant
+from conftest import require_nvrtc
 
 FLOAT_WORK = ("FADD", "FMUL", "FFMA", "FSETP", "FSEL", "MUFU", "DADD", "DMUL", "DFMA", "DSETP", "F2F", "HADD2")
 H_DIV = (1, 2, 3)  # lif.cuh's LIF_H_DIV_* charge formulas
@@ -39,11 +40,7 @@ def _tools():
 
 @pytest.fixture(scope="module")
 def sass():
-    try:
-        from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-    except Exception as exc:  # CuPy missing, or its NVRTC library cannot be loaded
-        pytest.skip(f"CuPy's NVRTC cannot be loaded here: {exc!r}")
+    nvrtc = require_nvrtc()
     ptxas_candidates, cuobjdump = _tools()
     if not Path(cuobjdump).exists():
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel)")

@@ -62,6 +62,12 @@ def scalar(name: str, value, allow_none: bool = False) -> Optional[Value]:
     return float(value)
 
 
+def v_reset_value(o) -> Value:
+    """v_reset as the kernels take it: 0 for soft reset (v_reset=None), where it is unused or, in
+    KLIF's charge, the documented 0."""
+    return 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+
+
 def is_zero(value: Value) -> bool:
     # SpikingJelly tests `v_reset == 0.` in Python; a learnable v_reset is read once here.
     return float(value) == 0.0

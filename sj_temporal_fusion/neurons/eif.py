@@ -3,7 +3,7 @@ h = v + (x + v_rest - v + delta_T exp((v - theta_rh) / delta_T)) / tau."""
 import torch
 from spikingjelly.activation_based import neuron
 
-from .base import NeuronModel, base_reset, common_options, common_validate, positive, reset_form_bits, scalar
+from .base import (NeuronModel, base_reset, common_options, common_validate, positive, reset_form_bits, scalar, v_reset_value)
 
 
 def node_options(node) -> dict:
@@ -18,7 +18,7 @@ def validate(o) -> None:
 
 
 def param_values(o) -> list:
-    v_reset = 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+    v_reset = v_reset_value(o)
     return [float(o["tau"]), float(o["delta_T"]), float(o["theta_rh"]),
             scalar("v_threshold", o["v_threshold"]), v_reset, float(o["v_rest"])]
 

@@ -1,7 +1,7 @@
 """IzhikevichNode (csrc/neurons/izhikevich.cuh): state (v, w), w the adaptation current."""
 from spikingjelly.activation_based import neuron
 
-from .base import NeuronModel, common_options, common_validate, positive, reset_form_bits, scalar
+from .base import NeuronModel, common_options, common_validate, positive, reset_form_bits, scalar, v_reset_value
 
 
 def node_options(node) -> dict:
@@ -17,7 +17,7 @@ def validate(o) -> None:
 
 
 def param_values(o) -> list:
-    v_reset = 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+    v_reset = v_reset_value(o)
     # 1 / tau_w in double, as SpikingJelly's jit_neuronal_adaptation computes `1. / tau_w`
     return [float(o["tau"]), float(o["v_c"]), float(o["a0"]), scalar("v_threshold", o["v_threshold"]),
             v_reset, float(o["v_rest"]), 1.0 / float(o["tau_w"]), float(o["a"]), float(o["b"])]

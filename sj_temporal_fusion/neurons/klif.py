@@ -4,7 +4,7 @@ SpikingJelly 0.0.0.0.14's torch code raises for v_reset=None (its charge subtrac
 follow the documented dynamics with v_reset = 0 in the charge."""
 from spikingjelly.activation_based import neuron
 
-from .base import NeuronModel, base_reset, common_options, common_validate, positive, scalar
+from .base import NeuronModel, base_reset, common_options, common_validate, positive, scalar, v_reset_value
 
 DECAY_INPUT, HARD, DETACH, SCALE = 1, 2, 4, 8
 
@@ -26,7 +26,7 @@ def form(o) -> int:
 
 
 def param_values(o) -> list:
-    v_reset = 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+    v_reset = v_reset_value(o)
     return [float(o["tau"]), scalar("k", o["k"]), scalar("v_threshold", o["v_threshold"]), v_reset]
 
 

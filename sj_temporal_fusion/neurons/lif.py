@@ -2,7 +2,7 @@
 selected by ``kind`` ('if' | 'lif' | 'plif') and the options."""
 from spikingjelly.activation_based import neuron
 
-from .base import NeuronModel, base_reset, common_options, common_validate, is_zero, positive, scalar
+from .base import NeuronModel, base_reset, common_options, common_validate, is_zero, positive, scalar, v_reset_value
 
 H_IF, H_DIV_DECAY0, H_MUL_DECAY0, H_KEEP = 0, 1, 4, 7  # LIF_H_* in lif.cuh
 HARD, DETACH = 8, 16
@@ -57,7 +57,7 @@ def param_values(o) -> list:
     elif o["kind"] == "plif":
         k = o["w"].sigmoid().reshape(())
         keep = 1.0 - k
-    v_reset = 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+    v_reset = v_reset_value(o)
     return [tau, k, keep, scalar("v_threshold", o["v_threshold"]), v_reset]
 
 

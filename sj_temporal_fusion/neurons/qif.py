@@ -1,7 +1,7 @@
 """QIFNode (csrc/neurons/qif.cuh): h = v + (x + a0 (v - v_rest)(v - v_c)) / tau."""
 from spikingjelly.activation_based import neuron
 
-from .base import NeuronModel, base_reset, common_options, common_validate, positive, reset_form_bits, scalar
+from .base import (NeuronModel, base_reset, common_options, common_validate, positive, reset_form_bits, scalar, v_reset_value)
 
 
 def node_options(node) -> dict:
@@ -15,7 +15,7 @@ def validate(o) -> None:
 
 
 def param_values(o) -> list:
-    v_reset = 0.0 if o["v_reset"] is None else scalar("v_reset", o["v_reset"])
+    v_reset = v_reset_value(o)
     return [float(o["tau"]), float(o["v_c"]), float(o["a0"]), scalar("v_threshold", o["v_threshold"]),
             v_reset, float(o["v_rest"])]
 
