@@ -23,8 +23,9 @@ MIN_RESIDENT_THREADS = 1024
 
 def options_for(block: int, lanes: int) -> tuple:
     """NVRTC options of a launch shape. --fmad=false: no implicit FMA contraction, so results
-    equal the host build bit for bit."""
-    return ("-std=c++17", "--fmad=false", f"-DTF_LANES={lanes}", f"-DTF_BLOCK={block}",
+    equal the host build bit for bit. -default-device: a kernel's body is a lambda (with_lanes in
+    csrc/common/lanes.cuh), which NVRTC would otherwise take for host code."""
+    return ("-std=c++17", "--fmad=false", "-default-device", f"-DTF_LANES={lanes}", f"-DTF_BLOCK={block}",
             f"-DTF_MIN_BLOCKS={max(1, MIN_RESIDENT_THREADS // block)}", f"-I{CSRC}")
 
 

@@ -47,17 +47,17 @@ TF_UNROLL
 
 // A state lives in one (S, N) block (checkpoints) or as v plus the second variable (a node's
 // attributes, which SpikingJelly's detach_net detaches in place, so they must not be views).
-template <class M, typename acc_t>
+template <class M, typename acc_t, class R>
 TF_HD void load_state(const acc_t* __restrict__ v, const acc_t* __restrict__ aux, long long N,
-                      acc_t (*z)[TF_LANES], const LaneRange& r) {
+                      acc_t (*z)[TF_LANES], const R& r) {
   static_assert(M::S >= 1 && M::S <= 2, "a model has one or two state variables");
 TF_UNROLL
   for (int k = 0; k < M::S; ++k) LANE_FOR(l, r.count) z[k][l] = tf_load(k ? aux : v, r.base + l * TF_LANE_STRIDE);
 }
 
-template <class M, typename acc_t>
+template <class M, typename acc_t, class R>
 TF_HD void store_state(acc_t* __restrict__ v, acc_t* __restrict__ aux, long long N, acc_t (*z)[TF_LANES],
-                       const LaneRange& r) {
+                       const R& r) {
 TF_UNROLL
   for (int k = 0; k < M::S; ++k) LANE_FOR(l, r.count) tf_store(k ? aux : v, r.base + l * TF_LANE_STRIDE, z[k][l]);
 }
@@ -69,15 +69,17 @@ TF_UNROLL
 // read of x is untouched: the unfolded variants compile to the code they had before.
 template <bool FOLD, typename acc_t>
 struct Affine {
-  TF_HD void load(const acc_t* __restrict__, const acc_t* __restrict__, long long, int, const LaneRange&) {}
+  template <class R>
+  TF_HD void load(const acc_t* __restrict__, const acc_t* __restrict__, long long, int, const R&) {}
   TF_HD acc_t operator()(acc_t x, int) const { return x; }
 };
 
 template <typename acc_t>
 struct Affine<true, acc_t> {
   acc_t scale[TF_LANES], shift[TF_LANES];
+  template <class R>
   TF_HD void load(const acc_t* __restrict__ bn_scale, const acc_t* __restrict__ bn_shift, long long inner,
-                  int channels, const LaneRange& r) {
+                  int channels, const R& r) {
     LANE_FOR(l, r.count) {
       const long long c = (r.base + l * TF_LANE_STRIDE) / inner % channels;
       scale[l] = tf_load(bn_scale, c);
@@ -94,16 +96,19 @@ TF_HD acc_t* checkpoint_row(acc_t* checkpoints, int c, int k, long long N) {
 
 // One chunk of the forward time loop. In the GPU shape the chunk's x is loaded first, so the
 // loads are in flight together instead of one per dependent step.
-template <class M, int FORM, bool VSEQ, typename scalar_t, typename acc_t, class BN>
+template <class M, int FORM, bool VSEQ, typename scalar_t, typename acc_t, class BN, class R>
 TF_HD void forward_chunk(const scalar_t* __restrict__ x, scalar_t* __restrict__ spike,
                          scalar_t* __restrict__ v_seq, const acc_t* p, acc_t (*z)[TF_LANES],
-                         const BN& bn, const LaneRange& r, int t0, int len, long long N) {
+                         const BN& bn, const R& r, int t0, int len, long long N) {
 #if TF_GPU_SHAPE
   acc_t xs[CHUNK_OF(M)][TF_LANES];
   CHUNK_UP(j, len, CHUNK_OF(M)) LANE_FOR(l, r.count) xs[j][l] = bn(to_acc(tf_load(x, (long long)(t0 + j) * N + r.base + l * TF_LANE_STRIDE)), l);
 #endif
   CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
+    prefetch_next_block<0>(x, row);
+    prefetch_next_block<1>(spike, row);
+    if (VSEQ) prefetch_next_block<1>(v_seq, row);
     LANE_FOR(l, r.count) {
       const long long idx = row + l * TF_LANE_STRIDE;
 #if TF_GPU_SHAPE
@@ -139,31 +144,34 @@ TF_KERNEL void neuron_forward(const scalar_t* __restrict__ x,
                                const acc_type<scalar_t>* __restrict__ bn_shift,  // FOLD
                                long long bn_inner, int bn_channels) {
   typedef acc_type<scalar_t> acc_t;
-  const LaneRange r = lane_range(N);
-  if (r.count == 0) return;
-  acc_t p[M::NP];
-  load_params<M>(params, p);
-  Affine<FOLD, acc_t> bn;
-  bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
-  acc_t z[M::S][TF_LANES];
-  load_state<M>(v_init, aux_init, N, z, r);
-  for (int c = 0; c * CHUNK_OF(M) < T; ++c) {
-    const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
-    if (checkpoints)
-      store_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
-    if (v_seq) forward_chunk<M, FORM, true>(x, spike, v_seq, p, z, bn, r, t0, len, N);
-    else forward_chunk<M, FORM, false>(x, spike, v_seq, p, z, bn, r, t0, len, N);
-  }
-  store_state<M>(v_last, aux_last, N, z, r);
+  const LaneRange lanes = lane_range(N);
+  if (lanes.count == 0) return;
+  with_lanes(lanes, [&](const auto& r) {
+    acc_t p[M::NP];
+    load_params<M>(params, p);
+    Affine<FOLD, acc_t> bn;
+    bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
+    acc_t z[M::S][TF_LANES];
+    load_state<M>(v_init, aux_init, N, z, r);
+    for (int c = 0; c * CHUNK_OF(M) < T; ++c) {
+      const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
+      if (checkpoints)
+        store_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
+      if (v_seq) forward_chunk<M, FORM, true>(x, spike, v_seq, p, z, bn, r, t0, len, N);
+      else forward_chunk<M, FORM, false>(x, spike, v_seq, p, z, bn, r, t0, len, N);
+    }
+    store_state<M>(v_last, aux_last, N, z, r);
+  });
 }
 
 // The backward's recompute of one chunk: the state before each step and x, kept in registers.
-template <class M, int FORM, typename scalar_t, typename acc_t, class BN>
+template <class M, int FORM, typename scalar_t, typename acc_t, class BN, class R>
 TF_HD void backward_recompute(const scalar_t* __restrict__ x, const acc_t* p, acc_t (*z)[TF_LANES],
                               acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], acc_t (*hs)[TF_LANES],
-                              const BN& bn, const LaneRange& r, int t0, int len, long long N) {
+                              const BN& bn, const R& r, int t0, int len, long long N) {
   CHUNK_UP(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
+    prefetch_next_block<0>(x, row);
     LANE_FOR(l, r.count) {
       const acc_t xv = bn(to_acc(tf_load(x, row + l * TF_LANE_STRIDE)), l);
       xs[j][l] = xv;
@@ -201,17 +209,20 @@ TF_UNROLL
 
 // The backward sweep over one recomputed chunk. VSEQ: grad_v_seq given; GX: grad_x wanted; A: the
 // carry factor wanted (1 / 0 / TF_RUNTIME: test the pointer). PGRAD: parameter gradients wanted.
-template <class M, int SG, int FORM, bool PGRAD, int VSEQ, int GX, int A, typename scalar_t, typename acc_t>
+template <class M, int SG, int FORM, bool PGRAD, int VSEQ, int GX, int A, typename scalar_t, typename acc_t, class R>
 TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_t* __restrict__ grad_v_seq,
                           scalar_t* __restrict__ grad_x, const acc_t* p, acc_t sg_a, acc_t sg_b,
                           acc_t (*gz)[TF_LANES], acc_t (*gp)[TF_LANES], acc_t* __restrict__ a,
                           acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], acc_t (*hs)[TF_LANES],
-                          const LaneRange& r, int t0, int len, long long N) {
+                          const R& r, int t0, int len, long long N) {
   const bool vseq = VSEQ == TF_RUNTIME ? grad_v_seq != 0 : VSEQ == 1;
   const bool gx_wanted = GX == TF_RUNTIME ? grad_x != 0 : GX == 1;
   const bool a_wanted = A == TF_RUNTIME ? a != 0 : A == 1;
   CHUNK_DOWN(j, len, CHUNK_OF(M)) {
     const long long row = (long long)(t0 + j) * N + r.base;
+    prefetch_next_block<0>(grad_spike, row);
+    if (vseq) prefetch_next_block<0>(grad_v_seq, row);
+    if (gx_wanted) prefetch_next_block<1>(grad_x, row);
     LANE_FOR(l, r.count) {
       const long long idx = row + l * TF_LANE_STRIDE;
       acc_t zp[M::S], g[M::S], gpl[M::NP];
@@ -261,41 +272,43 @@ TF_KERNEL_BACKWARD void neuron_backward(const scalar_t* __restrict__ grad_spike,
                                 const acc_type<scalar_t>* __restrict__ bn_shift,    // FOLD
                                 long long bn_inner, int bn_channels) {
   typedef acc_type<scalar_t> acc_t;
-  const LaneRange r = lane_range(N);
-  if (r.count == 0) return;
-  acc_t p[M::NP];
-  load_params<M>(params, p);
-  Affine<FOLD, acc_t> bn;
-  bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
-  acc_t gz[M::S][TF_LANES], gp[PGRAD ? M::NP : 1][TF_LANES], a[TF_LANES], z[M::S][TF_LANES];
+  const LaneRange lanes = lane_range(N);
+  if (lanes.count == 0) return;
+  with_lanes(lanes, [&](const auto& r) {
+    acc_t p[M::NP];
+    load_params<M>(params, p);
+    Affine<FOLD, acc_t> bn;
+    bn.load(bn_scale, bn_shift, bn_inner, bn_channels, r);
+    acc_t gz[M::S][TF_LANES], gp[PGRAD ? M::NP : 1][TF_LANES], a[TF_LANES], z[M::S][TF_LANES];
 TF_UNROLL
-  for (int k = 0; k < M::S; ++k) {
-    const acc_t* g = k ? grad_aux_last : grad_v_last;
-    LANE_FOR(l, r.count) gz[k][l] = g ? tf_load(g, r.base + l * TF_LANE_STRIDE) : acc_t(0);
-  }
+    for (int k = 0; k < M::S; ++k) {
+      const acc_t* g = k ? grad_aux_last : grad_v_last;
+      LANE_FOR(l, r.count) gz[k][l] = g ? tf_load(g, r.base + l * TF_LANE_STRIDE) : acc_t(0);
+    }
 TF_UNROLL
-  for (int i = 0; i < (PGRAD ? M::NP : 1); ++i) LANE_FOR(l, r.count) gp[i][l] = acc_t(0);
-  LANE_FOR(l, r.count) a[l] = acc_t(1);
-  acc_t zs[CHUNK_OF(M)][M::S][TF_LANES], xs[CHUNK_OF(M)][TF_LANES], hs[CHUNK_OF(M)][TF_LANES];  // a chunk, recomputed
-  for (int c = (T - 1) / CHUNK_OF(M); c >= 0; --c) {
-    const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
-    load_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
-    backward_recompute<M, FORM>(x, p, z, zs, xs, hs, bn, r, t0, len, N);
-    if (SHARD)  // decided per pointer
-      backward_sweep<M, SG, FORM, PGRAD, TF_RUNTIME, TF_RUNTIME, TF_RUNTIME>(
-          grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a_prod ? a : (acc_t*)0, zs, xs, hs, r, t0, len, N);
-    else if (grad_v_seq)
-      backward_sweep<M, SG, FORM, PGRAD, 1, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
-    else
-      backward_sweep<M, SG, FORM, PGRAD, 0, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
-  }
-  store_state<M>(grad_v_init, grad_aux_init, N, gz, r);
-  if (PGRAD) {
+    for (int i = 0; i < (PGRAD ? M::NP : 1); ++i) LANE_FOR(l, r.count) gp[i][l] = acc_t(0);
+    LANE_FOR(l, r.count) a[l] = acc_t(1);
+    acc_t zs[CHUNK_OF(M)][M::S][TF_LANES], xs[CHUNK_OF(M)][TF_LANES], hs[CHUNK_OF(M)][TF_LANES];  // a chunk, recomputed
+    for (int c = (T - 1) / CHUNK_OF(M); c >= 0; --c) {
+      const int t0 = c * CHUNK_OF(M), len = T - t0 < CHUNK_OF(M) ? T - t0 : CHUNK_OF(M);
+      load_state<M>(checkpoint_row<M>(checkpoints, c, 0, N), checkpoint_row<M>(checkpoints, c, 1, N), N, z, r);
+      backward_recompute<M, FORM>(x, p, z, zs, xs, hs, bn, r, t0, len, N);
+      if (SHARD)  // decided per pointer
+        backward_sweep<M, SG, FORM, PGRAD, TF_RUNTIME, TF_RUNTIME, TF_RUNTIME>(
+            grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a_prod ? a : (acc_t*)0, zs, xs, hs, r, t0, len, N);
+      else if (grad_v_seq)
+        backward_sweep<M, SG, FORM, PGRAD, 1, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
+      else
+        backward_sweep<M, SG, FORM, PGRAD, 0, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
+    }
+    store_state<M>(grad_v_init, grad_aux_init, N, gz, r);
+    if (PGRAD) {
 TF_UNROLL
-    for (int i = 0; i < M::NP; ++i)
-      if (grad_params_mask >> i & 1) LANE_FOR(l, r.count) tf_store(grad_params, (long long)i * N + r.base + l * TF_LANE_STRIDE, gp[i][l]);
-  }
-  if (SHARD && a_prod) LANE_FOR(l, r.count) tf_store(a_prod, r.base + l * TF_LANE_STRIDE, a[l]);
+      for (int i = 0; i < M::NP; ++i)
+        if (grad_params_mask >> i & 1) LANE_FOR(l, r.count) tf_store(grad_params, (long long)i * N + r.base + l * TF_LANE_STRIDE, gp[i][l]);
+    }
+    if (SHARD && a_prod) LANE_FOR(l, r.count) tf_store(a_prod, r.base + l * TF_LANE_STRIDE, a[l]);
+  });
 }
 
 #ifdef __CUDACC__

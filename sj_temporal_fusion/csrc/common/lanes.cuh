@@ -61,10 +61,44 @@ struct LaneRange {
   int count;
 };
 
+// A thread whose lanes all lie below N (on the host: every block but the last). Its count is a
+// compile-time constant, so g++ unrolls the lane loops and keeps the lanes' state in vector
+// registers instead of on the stack (fp32 LIF inference, T = 32, N = 262,144: 20% faster).
+struct FullLanes {
+  long long base;
+  static constexpr int count = TF_LANES;
+};
+
 TF_HD LaneRange lane_range(long long N) {
   LaneRange r;
   r.base = (long long)blockIdx.x * blockDim.x * TF_LANES + threadIdx.x;
   long long left = r.base < N ? (N - r.base + TF_LANE_STRIDE - 1) / TF_LANE_STRIDE : 0;
   r.count = left < TF_LANES ? (int)left : TF_LANES;
   return r;
+}
+
+// Host shape: a thread walks all T rows of each sequence for one block of lanes, then its next
+// block (host_launch gives it consecutive blocks). The hardware prefetchers do not follow T
+// interleaved streams a row apart, so at each row the lines of the next block are requested while
+// this one computes (fp32 LIF inference, T = 32, N = 262,144, after a cache flush: 3x faster).
+// A prefetch never faults, so past the end of the array is harmless.
+template <int WRITE, typename T>
+TF_HD void prefetch_next_block(const T* p, long long row) {
+#if !TF_GPU_SHAPE
+TF_UNROLL
+  for (int q = 0; q < (int)(TF_LANES * sizeof(T)); q += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p + row + TF_LANES) + q, WRITE, 3);
+#endif
+}
+
+// Runs body(lanes) for this thread's lanes: on the host with FullLanes where all are in range (the
+// kernel body is compiled twice there); on the GPU the lane loops are unrolled anyway, so once.
+template <class Body>
+TF_HD void with_lanes(const LaneRange& r, Body&& body) {
+#if TF_GPU_SHAPE
+  body(r);
+#else
+  if (r.count == TF_LANES) body(FullLanes{r.base});
+  else body(r);
+#endif
 }
