@@ -161,6 +161,18 @@ def test_a_failing_case_is_an_error_row_and_rows_are_written_as_they_finish(tmp_
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_flush_size_follows_the_last_level_cache(tmp_path, monkeypatch):
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert harness.cpu_last_level_cache_bytes(str(tmp_path)) == 480 << 20
+    assert harness.cpu_last_level_cache_bytes(str(tmp_path / "absent")) == 32 << 20
+    monkeypatch.setattr(harness, "cpu_last_level_cache_bytes", lambda: 480 << 20)
+    assert harness.flush_bytes(torch.device("cpu")) == 960 << 20
+    monkeypatch.setattr(harness, "cpu_last_level_cache_bytes", lambda: 8 << 20)
+    assert harness.flush_bytes(torch.device("cpu")) == 64 << 20  # at least 64 MiB
+
+
 def test_timing_reports_wall_time_and_flush_reads():
     device = torch.device("cpu")
     flush = harness.CacheFlusher(device)

@@ -4,6 +4,7 @@ result is tagged with, progress, and the JSON / CSV writers. Each benchmark modu
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import statistics
@@ -21,7 +22,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Evicting the last-level cache between repetitions: the roofline assumes every byte comes from
 # DRAM / HBM, and at T = 2 a 1M-neuron layer (8 MB fp32) would otherwise sit in a 50 MB H100 L2.
-FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # 2x the 32 MiB L3 of the CI-class EPYC
+# On the CPU: twice the largest cache Linux reports (VMs report anything from 32 MiB to the
+# host's whole 480 MiB L3), at least 64 MiB, at most 1 GiB.
+CUDA_FLUSH_BYTES = 256 << 20
+
+
+def cpu_last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache", default: int = 32 << 20) -> int:
+    """The largest cache of CPU 0 in sysfs ('491520K'), or ``default`` where it says nothing."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in glob.glob(os.path.join(root, "index*", "size")):
+        text = Path(path).read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=default)
+
+
+def flush_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return CUDA_FLUSH_BYTES
+    return min(max(2 * cpu_last_level_cache_bytes(), 64 << 20), 1 << 30)
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -163,7 +183,7 @@ class CacheFlusher:
     write back."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.buffer = (torch.ones(FLUSH_BYTES[device.type] // 4, dtype=torch.int32, device=device)
+        self.buffer = (torch.ones(flush_bytes(device) // 4, dtype=torch.int32, device=device)
                        if enabled else None)
 
     def __call__(self) -> None:
@@ -218,10 +238,11 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int = 20) -> dict:
-    """The device's measured copy bandwidth: ``dst.copy_(src)`` of ``nbytes`` (default 256 MiB on
-    CUDA, 128 MiB on CPU: 4x the L3), counted as nbytes read + nbytes written, median of ``reps``."""
+    """The device's measured copy bandwidth: ``dst.copy_(src)`` of ``nbytes`` (default: the cache
+    flush's size, so source and destination together are 4x the last-level cache), counted as
+    nbytes read + nbytes written, median of ``reps``."""
     if nbytes is None:
-        nbytes = (256 << 20) if device.type == "cuda" else (128 << 20)
+        nbytes = flush_bytes(device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched, so no page faults are timed on CPU
     timing = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=reps, max_seconds=5.0)

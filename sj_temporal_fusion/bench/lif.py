@@ -410,7 +410,7 @@ def main(args) -> dict:
               "methods": methods, "neuron": {**FIG5, "surrogate": f"Sigmoid(alpha={SG_ALPHA})"},
               "reps": args.reps, "warmup": args.warmup, "torchscript_warmup": TORCHSCRIPT_WARMUP,
               "max_seconds": args.max_seconds, "check_neurons": args.check_neurons,
-              "flush_caches": not args.no_flush,
+              "flush_caches": not args.no_flush, "flush_bytes": harness.flush_bytes(device),
               "timer": ("CUDA events (kernel) + perf_counter to completion (wall), synchronised "
                         "before each call" if device.type == "cuda" else "time.perf_counter")}
     name = args.name or f"lif-{device.type}"
