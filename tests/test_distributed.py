@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _grid import grad_tolerance
-from _group import SPAWN_TIMEOUT, results_ok, run_group  # noqa: F401  (spawned ranks import them)
+from _group import SPAWN_TIMEOUT, progress, results_ok, run_group  # noqa: F401  (spawned ranks import them)
 
 
 # ---------------------------------------------------------------- parity of one layer
@@ -59,6 +59,7 @@ def _parity_worker(rank, k, cases):
     from sj_temporal_fusion.distributed import TimeShardedNode, time_slice
     problems, fixups = [], []
     for case in cases:
+        progress()
         name = f"{case['kind']}-{case['v_reset']}-{str(case['dtype'])[6:]}-T{case['T']}-#{case['seed']}"
         g = torch.Generator().manual_seed(case["seed"])
         T, dtype = case["T"], case["dtype"]
@@ -263,6 +264,7 @@ def _network_worker(rank, k, T, with_resnet):
         neuron.IFNode(v_reset=None), layer.Linear(16, 10))
     nets = [("spiking_resnet18", resnet, 16)] if with_resnet else []
     for label, net, size in nets + [("conv-bn-plif-fc-bn1d-if", small, 8)]:
+        progress()
         net = net.double()
         functional.set_step_mode(net, "m")
         functional.set_backend(net, "temporal_fusion", instance=neuron.BaseNode)
