@@ -59,3 +59,30 @@ def test_ranks_dry_run_under_torchrun(tmp_path):
     result = json.loads(out.read_text())
     assert result["ranks"] == 2 and len(result["stages"]) == 8
     assert all(s["status"] == "passed" for s in result["stages"]), result
+
+
+def _one_passing_stage(monkeypatch):
+    from sj_temporal_fusion.distributed import smoke
+    monkeypatch.setattr(smoke, "STAGES", [("trivial", lambda device, dry_run, n: "ok")])
+    return smoke
+
+
+def test_the_run_destroys_the_process_group_it_joined(monkeypatch, capsys):
+    """A process that exits with its gloo group alive can abort in std::terminate (see
+    smoke.leave_group), so the command leaves none behind."""
+    import torch.distributed as dist
+    smoke = _one_passing_stage(monkeypatch)
+    assert not dist.is_initialized()
+    assert smoke.main(["--dry-run"]) == 0
+    assert not dist.is_initialized()
+
+
+def test_the_run_leaves_a_callers_process_group_alone(monkeypatch, capsys):
+    import torch.distributed as dist
+    smoke = _one_passing_stage(monkeypatch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert smoke.main(["--dry-run"]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -620,6 +620,13 @@ def use_transport(transport: Transport, device: torch.device,
     _TRANSPORTS[(id(group), device.type, device.index)] = transport
 
 
+def close_transports() -> None:
+    """Before ``dist.destroy_process_group()``: wait for every send still in flight (as at exit),
+    then close and drop every transport."""
+    _flush_at_exit()
+    _forget_transports()
+
+
 def _forget_transports() -> None:
     """Drop cached transports (after destroy_process_group)."""
     for transport in _TRANSPORTS.values():
