@@ -12,9 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-# s a rank may go without reporting (its start, import included, or progress()); a hang fails, not
-# blocks CI
-SPAWN_TIMEOUT = 150
+SPAWN_TIMEOUT = 150  # s a rank may stay silent (start and imports, or between progress() calls)
 _report_progress = None  # set in a spawned rank by _entry
 
 
