@@ -338,8 +338,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     joined = not dist.is_initialized()
     result = run_ranks(args.dry_run) if args.ranks else run(args.dry_run, args.n, args.device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if joined and dist.is_initialized():
+    rank = dist.get_rank()  # both runs join a group when there is none
+    if joined:
         leave_group()
     try:
         import cupy
