@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from sj_temporal_fusion import _host
+from sj_temporal_fusion.functional import lif_multi_step
+from sj_temporal_fusion.reference import lif_reference
 
 CODE = ("import torch, sj_temporal_fusion as tf; torch.manual_seed(0); x = torch.randn(5, 70); "
         "s, v, _ = tf.lif_multi_step(x, tau=1.5, v_threshold=0.3); print(float(s.sum()), float(v.sum()))")
@@ -86,3 +88,40 @@ def test_parallel_processes_build_a_variant_once(tmp_path):
     assert [queue.get(timeout=5) for _ in procs] == ["ok", "ok"]
     assert len(_libraries(tmp_path)) == 1
     assert not list((tmp_path / "host").glob("*/*.tmp"))
+
+
+def _lif_variants():
+    from sj_temporal_fusion.neurons import REGISTRY
+    from sj_temporal_fusion.variants import backward_variant, forward_variant
+    m = REGISTRY["lif"]
+    return [forward_variant(m, torch.float32, m.forward_form({**m.defaults})),
+            forward_variant(m, torch.float64, m.forward_form({**m.defaults})),
+            backward_variant(m, torch.float32, 2, m.form({**m.defaults}), False)]
+
+
+def test_prebuild_builds_several_variants_per_compiler_run_and_library_reuses_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SJ_TF_CACHE", str(tmp_path))
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(_host.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or real_run(cmd, **kw))
+    expressions = _lif_variants()
+    _host.prebuild(expressions + expressions[:1], jobs=1)  # duplicates are built once
+    assert len(runs) == 1 and len(_libraries(tmp_path)) == 3
+    assert not list((tmp_path / "host").glob("*/build.*/"))  # the batch's work folder is gone
+    _host.library.cache_clear()
+    monkeypatch.setattr(_host, "_build", lambda variants: pytest.fail(f"rebuilt {variants}"))
+    try:
+        x = torch.randn(6, 70)
+        ours, _, _ = lif_multi_step(x, tau=2.0)  # the prebuilt fp32 forward
+        assert torch.equal(ours, lif_reference(x, tau=2.0)[0])
+    finally:
+        _host.library.cache_clear()
+
+
+def test_prebuild_leaves_a_variant_being_built_elsewhere_to_its_builder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SJ_TF_CACHE", str(tmp_path))
+    first, *rest = [_host._Variant(e, False, False) for e in _lif_variants()]
+    with _host._lock(first):  # another builder holds it
+        _host.prebuild([first.expression, *(v.expression for v in rest)], jobs=1)
+    assert not first.library_path.exists()
+    assert all(_host._cache.is_verified(v.library_path) for v in rest)
