@@ -133,14 +133,20 @@ def _(x, v_init, aux_init, params, model, form, backward_form, surrogate_id, sur
     return _forward_outputs(x, model, store_v_seq, save_checkpoints)
 
 
-def _backward_outputs(x: Tensor, num_states: int, num_params: int, param_grads: bool, want_grad_x: bool,
+def param_grad_rows(mask: int, num_params: int) -> int:
+    """Rows of the backward's parameter-gradient buffer: one per learnable entry in ``mask``
+    (the kernel writes entry i's row at the count of masked entries below i)."""
+    return bin(mask & ((1 << num_params) - 1)).count("1")
+
+
+def _backward_outputs(x: Tensor, num_states: int, num_params: int, mask: int, want_grad_x: bool,
                       want_a: bool):
     acc = state_dtype(x.dtype)
     n = x[0].numel()
     grad_x = torch.empty_like(x) if want_grad_x else x.new_empty((0,))
     grad_v_init = x.new_empty(x.shape[1:], dtype=acc)
     grad_aux_init = x.new_empty(x.shape[1:], dtype=acc) if num_states == 2 else _empty_state(x)
-    grad_params = x.new_empty((num_params, n), dtype=acc) if param_grads else _empty_state(x)
+    grad_params = x.new_empty((param_grad_rows(mask, num_params), n), dtype=acc) if mask else _empty_state(x)
     a_prod = x.new_empty((n,), dtype=acc) if want_a else _empty_state(x)
     return grad_x, grad_v_init, grad_aux_init, grad_params, a_prod
 
@@ -153,14 +159,14 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
                     bn_shift: Optional[Tensor] = None, bn_inner: int = 1, bn_channels: int = 1
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grad_x (T, *) or empty, grad_v_init and grad_aux_init (*) in the state dtype, per-neuron
-    parameter gradients (NP, N) (only the rows in ``grad_params_mask`` are written) or empty, and
+    parameter gradients (R, N), one row per entry in ``grad_params_mask`` in entry order, or empty, and
     (time sharding, one state variable) the product of the steps' carry factors (N,) or empty.
     With ``bn_*`` (folded BatchNorm) grad_x is dL/dx_eff."""
     m = REGISTRY[model]
     _check_params(params, model, x)
     fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
     param_grads = grad_params_mask != 0
-    outs = _backward_outputs(x, m.num_states, len(m.params), param_grads, want_grad_x, want_a)
+    outs = _backward_outputs(x, m.num_states, len(m.params), grad_params_mask, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
     two = m.num_states == 2
     launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold, shard=want_a or not want_grad_x), x, [
@@ -178,7 +184,7 @@ def _(grad_spike, grad_v_seq, grad_v_last, grad_aux_last, x, checkpoints, params
       surrogate_a, surrogate_b, grad_params_mask, want_grad_x, want_a, bn_scale=None, bn_shift=None, bn_inner=1,
       bn_channels=1):
     m = REGISTRY[model]
-    return _backward_outputs(x, m.num_states, len(m.params), grad_params_mask != 0, want_grad_x, want_a)
+    return _backward_outputs(x, m.num_states, len(m.params), grad_params_mask, want_grad_x, want_a)
 
 
 @torch.library.custom_op("sj_temporal_fusion::neuron_fixup",
@@ -210,9 +216,9 @@ def summed_param_grads(grad_params: Tensor, mask: int, params: Tensor) -> Option
     each entry back to what the parameter tensor was built from), or None when ``mask`` is 0."""
     if not mask:
         return None
-    rows = [i for i in range(params.shape[0]) if mask >> i & 1]
+    entries = [i for i in range(params.shape[0]) if mask >> i & 1]  # grad_params' rows, in order
     total = params.new_zeros(params.shape)
-    total[rows] = grad_params[rows].sum(1).to(params.dtype)
+    total[entries] = grad_params.sum(1).to(params.dtype)
     return total
 
 
@@ -263,8 +269,11 @@ def _affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor, inner: int, chann
     shape = (grad_y.shape[0] * grad_y[0].numel() // (channels * inner), channels, inner)
     if x.dtype == scale.dtype:
         zeros, ones = scale.new_zeros(channels), scale.new_ones(channels)
+        # save_mean / save_invstd given as that same mean 0 and 1 / sqrt(1 + 0): CUDA's backward
+        # asserts them defined outside its fused path (eval with no weight or bias gradient, or
+        # tensors past 32-bit indexing); the CPU's eval path reads the running statistics instead.
         grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
-            grad_y.reshape(shape), x.reshape(shape), scale, zeros, ones, None, None, False, 0.0,
+            grad_y.reshape(shape), x.reshape(shape), scale, zeros, ones, zeros, ones, False, 0.0,
             [True, bool(needs[0]), bool(needs[1])])
         return grad_x.view(x.shape), grad_scale, grad_shift
     g = grad_y.reshape(shape).to(scale.dtype)  # fp16 / bf16: sums in the state dtype

@@ -117,3 +117,66 @@ def test_import_registers_and_unregister_restores():
     finally:
         sj_temporal_fusion.register()
     assert neuron.LIFNode(backend="temporal_fusion", step_mode="m").backend == "temporal_fusion"
+
+
+@pytest.mark.parametrize("model", list(REGISTRY))
+def test_param_grad_buffer_holds_only_the_learnable_rows(model):
+    """One (N,) row per learnable entry, in entry order, each equal to that entry's row when
+    every entry is learned: an unlearned entry takes no memory."""
+    args = _forward_args(model)
+    _, _, _, _, checkpoints = ops.neuron_forward(*args)
+    x, params = args[0].detach(), args[3].detach()
+    n_params, n = params.shape[0], x[0].numel()
+    grad_spike = torch.randn_like(x)
+
+    def grads(mask):
+        return ops.neuron_backward(grad_spike, None, None, None, x, checkpoints, params, model, args[6], DEFAULT_ID,
+                                   4.0, 0.0, mask, True, False)[3]
+
+    every = grads((1 << n_params) - 1)
+    assert every.shape == (n_params, n)
+    for mask in {1 << (n_params - 1), 1 | 1 << (n_params - 1)}:
+        rows = [i for i in range(n_params) if mask >> i & 1]
+        got = grads(mask)
+        assert got.shape == (len(rows), n) == (ops.param_grad_rows(mask, n_params), n)
+        assert torch.equal(got, every[rows])
+
+
+class _RecordBatchNormBackward(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.native_batch_norm_backward.default:
+            self.calls.append(args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs", [(False, False), (True, True), (True, False)])
+def test_folded_affine_backward_passes_defined_save_tensors(needs):
+    """The folded BatchNorm's backward (dL/dy of y = x * scale[c] + shift[c]) hands
+    native_batch_norm_backward defined save_mean / save_invstd (CUDA asserts them outside its fused
+    path: eval without weight/bias gradients, or past 32-bit indexing) and equals autograd in fp64."""
+    T, B, C, inner = 3, 2, 5, 7
+    x = torch.randn(T, B, C, inner, dtype=torch.float64)
+    scale = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    mode = _RecordBatchNormBackward()
+    with mode:
+        grad_x, grad_scale, grad_shift = ops._affine_backward(grad_y, x, scale.detach(), inner, C, needs)
+    assert len(mode.calls) == 1
+    save_mean, save_invstd = mode.calls[0][5], mode.calls[0][6]
+    assert isinstance(save_mean, torch.Tensor) and isinstance(save_invstd, torch.Tensor)
+    assert torch.equal(save_mean, torch.zeros(C, dtype=torch.float64))
+    assert torch.equal(save_invstd, torch.ones(C, dtype=torch.float64))
+    xr = x.clone().requires_grad_()
+    y = xr * scale.view(1, 1, C, 1) + shift.view(1, 1, C, 1)
+    ex, es, eb = torch.autograd.grad(y, [xr, scale, shift], grad_y)
+    torch.testing.assert_close(grad_x, ex, rtol=1e-13, atol=1e-13)
+    for got, expected, need in ((grad_scale, es, needs[0]), (grad_shift, eb, needs[1])):
+        if need:
+            torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+        else:
+            assert got is None

@@ -264,8 +264,8 @@ TF_KERNEL_BACKWARD void neuron_backward(const scalar_t* __restrict__ grad_spike,
                                 scalar_t* __restrict__ grad_x,                      // nullable
                                 acc_type<scalar_t>* __restrict__ grad_v_init,
                                 acc_type<scalar_t>* __restrict__ grad_aux_init,     // S = 2
-                                acc_type<scalar_t>* __restrict__ grad_params,       // (NP, N) if PGRAD
-                                int grad_params_mask,                               // rows to write
+                                acc_type<scalar_t>* __restrict__ grad_params,       // (rows, N) if PGRAD
+                                int grad_params_mask,                               // entries to write
                                 acc_type<scalar_t>* __restrict__ a_prod,            // nullable, S = 1
                                 acc_type<scalar_t> sg_a, acc_type<scalar_t> sg_b, int T, long long N,
                                 const acc_type<scalar_t>* __restrict__ bn_scale,    // FOLD
@@ -302,10 +302,14 @@ TF_UNROLL
         backward_sweep<M, SG, FORM, PGRAD, 0, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
     }
     store_state<M>(grad_v_init, grad_aux_init, N, gz, r);
-    if (PGRAD) {
+    if (PGRAD) {  // one row per masked entry, in entry order: unlearned entries take no memory
+      int row = 0;
 TF_UNROLL
       for (int i = 0; i < M::NP; ++i)
-        if (grad_params_mask >> i & 1) LANE_FOR(l, r.count) tf_store(grad_params, (long long)i * N + r.base + l * TF_LANE_STRIDE, gp[i][l]);
+        if (grad_params_mask >> i & 1) {
+          LANE_FOR(l, r.count) tf_store(grad_params, (long long)row * N + r.base + l * TF_LANE_STRIDE, gp[i][l]);
+          ++row;
+        }
     }
     if (SHARD && a_prod) LANE_FOR(l, r.count) tf_store(a_prod, r.base + l * TF_LANE_STRIDE, a[l]);
   });
