@@ -87,3 +87,30 @@ def test_table_prints_skips():
     text = net.table([{"model": "resnet18", "mode": "train", "method": "cupy", "status": "skipped",
                        "reason": "no CUDA"}])
     assert "skipped: no CUDA" in text
+
+
+def test_check_runs_the_first_step_deterministically_and_restores_the_settings():
+    """cuDNN may pick a different, non-deterministic weight-gradient algorithm for each network:
+    the first-step check (bitwise for spike bits) runs with deterministic algorithms only."""
+    cudnn = torch.backends.cudnn
+    seen = []
+
+    class Probe:
+        loss = torch.tensor(0.0)
+
+        def step(self):
+            seen.append((cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()))
+
+        def gradients(self):
+            return {}
+    before = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.benchmark = True
+    try:
+        net.check({"temporal_fusion": Probe(), "temporal_fusion+spike_bits": Probe()}, "train")
+        assert seen == [(True, False, True)] * 2
+        assert (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == \
+            (before[0], True, before[2])
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])

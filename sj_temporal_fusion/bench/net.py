@@ -25,8 +25,11 @@ so 'infer' of cupy equals torch there (the row says so); ours runs its kernel in
 
 Correctness before timing: each method's loss and parameter gradients at the first step are
 compared with the torch backend's (max abs difference, and relative to the largest gradient);
-the spike_bits method must give temporal_fusion's gradients bit for bit. A method over the bound
-is not timed (status check_failed).
+the spike_bits method must give temporal_fusion's gradients bit for bit. That first step runs
+with cuDNN's deterministic algorithms, autotuning off and PyTorch's deterministic algorithms on
+(``deterministic()``): otherwise two networks' convolution weight gradients may take different
+cuDNN algorithms or reduction orders and differ in rounding whatever the spikes. A method over
+the bound is not timed (status check_failed); the timed steps run with the settings as they were.
 
 Time: the methods are interleaved, one step of each per round, after ``--warmup`` untimed rounds,
 so drifting load on a shared machine hits every method alike; median and quartiles over rounds.
@@ -43,7 +46,9 @@ unpacking) or other (everything else: pooling, linear, residual adds, the loss, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -143,12 +148,33 @@ class Setup:
         return {n: p.grad.detach().clone() for n, p in self.net.named_parameters() if p.grad is not None}
 
 
+@contextlib.contextmanager
+def deterministic():
+    """cuDNN's deterministic algorithms without autotuning, and PyTorch's deterministic
+    algorithms (a warning, silenced, where an op has none), restored on exit."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
+            yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
 def check(setups: dict, mode: str) -> dict:
     """First-step agreement of each method with the torch backend (and of spike_bits with
-    temporal_fusion, bit for bit); {method: {fields}}; fails the method when over tolerance."""
+    temporal_fusion, bit for bit); {method: {fields}}; fails the method when over tolerance. The
+    steps run under ``deterministic()``, so that the bitwise comparison sees the spikes' effect
+    only."""
     results, reference = {}, {}
     for method, s in setups.items():
-        out = s.step()
+        with deterministic():
+            out = s.step()
         if mode == "train":
             reference[method] = (s.loss.detach().double(), s.gradients())
         else:
