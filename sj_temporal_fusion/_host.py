@@ -90,10 +90,12 @@ BATCH = 8
 @dataclasses.dataclass(frozen=True)
 class _Variant:
     """One kernel variant of the host build: its cache directory and the exported symbol that
-    launches it (named by the key, so one library can hold several variants)."""
+    launches it (named by the key, so one library can hold several variants). The cache folder is
+    read when the variant is named, so a build in flight stays where it began."""
     expression: str
     emulate_gpu: bool
     count_bytes: bool
+    root: Path = dataclasses.field(default_factory=lambda: cache_dir())
 
     @functools.cached_property
     def key(self) -> str:
@@ -108,7 +110,7 @@ class _Variant:
 
     @property
     def directory(self) -> Path:
-        return cache_dir() / self.key
+        return self.root / self.key
 
     @property
     def library_path(self) -> Path:
@@ -157,7 +159,7 @@ def _build(variants: Sequence[_Variant]) -> None:
     """Compile ``variants`` (same flags) into one library and commit it as each one's cached
     library; the caller holds each variant's lock."""
     compiler, first = _compiler(), variants[0]
-    _announce(cache_dir())
+    _announce(first.root)
     work = first.directory / f"build.{os.getpid()}.{threading.get_ident()}"
     work.mkdir(parents=True, exist_ok=True)
     try:

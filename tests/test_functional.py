@@ -14,6 +14,7 @@ from sj_temporal_fusion.reference import lif_reference, neuron_reference
 
 from _grid import DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed
 from _models import MODELS
+from _prebuild import call_variants
 from conftest import STATE_DTYPE
 
 
@@ -28,6 +29,19 @@ def _grid(model):
 
 
 GRID = [case for model in REGISTRY for case in _grid(model)]
+
+
+def kernel_variants(item):
+    """The host variants of a grid case (tests/_prebuild.py)."""
+    case = item.callspec.params.get("case")
+    if case is None or item.originalname not in ("test_matches_reference", "test_gpu_code_shape_matches_reference"):
+        return None
+    mc = MODELS[case["model"]]
+    options = dict(mc.fixed, **{k: case[k] for k in mc.grid})
+    learn = mc.learnable(options)
+    names = call_variants(case["model"], case["dtype"], dict(options, **learn), SURROGATES[case["surrogate"]](),
+                          param_grads=bool(learn))
+    return [(name, item.originalname == "test_gpu_code_shape_matches_reference") for name in names]
 
 
 def _inputs(mc, shape, dtype, generator, num_states):

@@ -22,6 +22,7 @@ from sj_temporal_fusion.spikingjelly import node_options
 from _grid import (spiking_resnet18, DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
                    near_threshold_mismatches)
 from _models import MODELS
+from _prebuild import call_variants
 from conftest import STATE_DTYPE
 
 # SpikingJelly 0.0.0.0.14's torch backward for NonzeroSignLogAbs raises a TypeError (it passes a
@@ -38,6 +39,19 @@ def _grid(model):
 
 
 GRID = [case for model in REGISTRY for case in _grid(model)]
+
+
+def kernel_variants(item):
+    """The host variants of a grid case (tests/_prebuild.py): the forward, and in training the
+    backward, with parameter gradients where the node has parameters (PLIF's w, KLIF's k)."""
+    case = item.callspec.params.get("case")
+    if case is None or item.originalname != "test_matches_torch_backend":
+        return None
+    node = _make(case, "temporal_fusion")
+    options = node_options(node)
+    names = call_variants(options.pop("model"), case["dtype"], options, options.pop("surrogate_function"),
+                          param_grads=any(True for _ in node.parameters()), grad=case["training"])
+    return [(name, False) for name in names]
 
 
 def _make(case, backend):

@@ -1,0 +1,39 @@
+"""Host kernel variants a test run needs, named before it runs, so that conftest builds them up
+front (``_host.prebuild``: several per g++ run, one run per CPU) instead of one g++ run at a time
+as each test first needs one. A test module declares the variants of its parametrized cases with
+``kernel_variants(item) -> [(expression, emulate_gpu), ...]`` (None: not declared); conftest fails
+a declared test that launches a variant it did not declare, so the declarations cannot drift from
+what the tests run."""
+from __future__ import annotations
+
+import torch
+
+from sj_temporal_fusion import surrogate
+from sj_temporal_fusion.neurons import REGISTRY
+from sj_temporal_fusion.variants import backward_variant, forward_variant
+
+
+def call_variants(model: str, dtype: torch.dtype, options: dict, surrogate_function, param_grads: bool,
+                  grad: bool = True) -> list[str]:
+    """The variants ``functional.neuron_multi_step(x_seq of dtype, model=model, **options)`` launches:
+    its forward, and with ``grad`` the backward (``param_grads``: a learnable option takes part)."""
+    m = REGISTRY[model]
+    o = dict(m.defaults, **options)
+    names = [forward_variant(m, dtype, m.forward_form(o))]
+    if grad:
+        names.append(backward_variant(m, dtype, surrogate.spec(surrogate_function).id, m.form(o), param_grads))
+    return names
+
+
+def declared(item) -> list[tuple[str, bool]] | None:
+    hook = getattr(item.module, "kernel_variants", None)
+    return None if hook is None or not hasattr(item, "callspec") else hook(item)
+
+
+def declared_by_flags(items) -> dict[bool, list[str]]:
+    """{emulate_gpu: expressions} declared by ``items``, in test order."""
+    out: dict[bool, dict[str, None]] = {}
+    for item in items:
+        for expression, emulate_gpu in declared(item) or ():
+            out.setdefault(emulate_gpu, {})[expression] = None
+    return {flag: list(names) for flag, names in out.items()}
