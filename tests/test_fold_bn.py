@@ -1,5 +1,5 @@
 """BatchNorm folded into the neuron kernel: the kernels' FOLD variants (csrc/temporal.cu's Affine),
-``functional.batch_norm_scale_shift`` and ``optimize(net, fold_bn=True)`` (optimize.py).
+``functional.batch_norm_scale_shift`` and ``optimize(net, fold_bn=True)`` (optimize/fold_bn.py).
 
 Tolerances. The kernel: a folded launch equals the unfolded kernel run on x_eff = x * scale +
 shift computed by torch (a multiply, then an add, as the kernel rounds it) bit for bit, in every

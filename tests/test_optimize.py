@@ -1,4 +1,4 @@
-"""sj_temporal_fusion.optimize (sj_temporal_fusion/optimize.py): gradients bit for bit with and
+"""sj_temporal_fusion.optimize (sj_temporal_fusion/optimize/): gradients bit for bit with and
 without spike bits on Spiking-ResNet18, SEW-ResNet18 and a small VGG, in fp32 and under bf16
 autocast; checkpoints interchangeable; the switch undoes itself; memory goes down."""
 import copy
@@ -11,8 +11,8 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate a
 from spikingjelly.activation_based.model import sew_resnet
 
 import sj_temporal_fusion
-from sj_temporal_fusion import spike_bits
 from sj_temporal_fusion.bench import memory
+from sj_temporal_fusion.optimize import spike_bits
 
 from _grid import spiking_resnet18
 
@@ -177,3 +177,16 @@ def test_spike_bits_lower_peak_memory():
         train_step.clear = lambda: net.zero_grad(set_to_none=True)
         peaks[bits] = memory.measure(train_step, device)[0]
     assert peaks[True] < 0.93 * peaks[False], peaks
+
+
+def test_package_names_as_documented():
+    """``sj_temporal_fusion.optimize`` is the function; its inspection helpers hang off it as the
+    README writes them, and the option modules import from the package."""
+    from sj_temporal_fusion.optimize import fold_bn, folded, optimized, spike_bits as bits
+    assert callable(sj_temporal_fusion.optimize)
+    assert sj_temporal_fusion.optimize.folded is folded and sj_temporal_fusion.optimize.optimized is optimized
+    assert bits.__name__ == "sj_temporal_fusion.optimize.spike_bits" and bits is spike_bits
+    assert fold_bn.__name__ == "sj_temporal_fusion.optimize.fold_bn"
+    net = sj_temporal_fusion.optimize(small_vgg(), fold_bn=True)
+    bns = [i for i, m in enumerate(net) if isinstance(m, layer.BatchNorm2d)]  # each followed by its LIF
+    assert len(bns) == 3 and sj_temporal_fusion.optimize.folded(net) == [(str(i), str(i + 1)) for i in bns]

@@ -1,10 +1,10 @@
-"""Spikes stored as bits (sj_temporal_fusion/spike_bits.py): exact restoration, packing only of
+"""Spikes stored as bits (sj_temporal_fusion/optimize/spike_bits.py): exact restoration, packing only of
 tensors known to be spikes, and gradients bit for bit those of a run without the hooks."""
 import pytest
 import torch
 
-from sj_temporal_fusion import spike_bits
-from sj_temporal_fusion.spike_bits import PackedSpikes
+from sj_temporal_fusion.optimize import spike_bits
+from sj_temporal_fusion.optimize.spike_bits import PackedSpikes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -18,7 +18,9 @@ Time: packing reads the tensor once (``!= 0``) and writes n / 8 bytes; unpacking
 tensor once. On CPU, NumPy's packbits / unpackbits do the bit shuffling (3-4x faster than the
 equivalent torch ops on the 2-core CI machine, measured on 1.6 M elements: 7.6 vs 27 ms).
 
-Use it through :func:`sj_temporal_fusion.optimize`, or directly::
+Use it through :func:`sj_temporal_fusion.optimize` (``attach`` below: forward hooks that open a
+session around each forward pass with gradients and tag the neurons' and max-pooling layers'
+outputs), or directly::
 
     with spike_bits.saving():          # spikes tagged inside are saved as bits
         loss = net(x).sum()            # the neurons' outputs must be tagged: optimize() does it
@@ -236,3 +238,88 @@ def last_counts() -> Optional[dict]:
     """The packing counts of the last finished outermost session on this thread (for tests and
     the benchmark): packed, reused, kept, saved_bytes, packed_bytes."""
     return getattr(_state, "last_counts", None)
+
+
+# ---------------------------------------------------------------- on a network: forward hooks
+
+BACKEND = "temporal_fusion"
+_open = threading.local()  # per thread: the sessions opened by root pre-hooks, innermost last
+
+
+def _sessions() -> list:
+    if not hasattr(_open, "stack"):
+        _open.stack = []
+    return _open.stack
+
+
+class _EnterSaving:
+    """Root forward pre-hook: opens a spike-bits session when gradients are on (nothing is saved
+    for backward otherwise)."""
+
+    def __call__(self, module, args):
+        session = _session() if torch.is_grad_enabled() else None
+        if session is not None:
+            session.__enter__()
+        _sessions().append(session)
+
+
+class _LeaveSaving:
+    """Root forward hook, registered with always_call=True so that a forward that raises still
+    closes its session."""
+
+    def __call__(self, module, args, output):
+        stack = _sessions()
+        if stack:
+            session = stack.pop()
+            if session is not None:
+                session.__exit__(None, None, None)
+
+
+class _TagSpikes:
+    """Neuron forward hook: its output is a spike tensor when it ran our kernels."""
+
+    def __call__(self, module, args, output):
+        if getattr(module, "backend", None) == BACKEND and active():
+            tag(output)
+
+
+class _TagSelection:
+    """Max-pool forward hook: max of spikes is a spike."""
+
+    def __call__(self, module, args, output):
+        if active() and args:
+            tag_selection(args[0], output)
+
+
+_HOOKS = (_EnterSaving, _LeaveSaving, _TagSpikes, _TagSelection)
+
+
+def attach(net: torch.nn.Module, neuron_classes: tuple) -> bool:
+    """Register the hooks on ``net``, its neurons (instances of ``neuron_classes``) and its
+    max-pooling layers; True when some neuron runs backend 'temporal_fusion' now."""
+    net.register_forward_pre_hook(_EnterSaving())
+    net.register_forward_hook(_LeaveSaving(), always_call=True)
+    found = False
+    for module in net.modules():
+        if isinstance(module, neuron_classes):
+            module.register_forward_hook(_TagSpikes())
+            found = found or getattr(module, "backend", None) == BACKEND
+        elif isinstance(module, (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d)) \
+                and not module.return_indices:
+            module.register_forward_hook(_TagSelection())
+    return found
+
+
+def detach(net: torch.nn.Module) -> None:
+    """Remove the hooks from every module of ``net``; found by type, not by stored handles, so
+    that it works on deep copies and unpickled models."""
+    for module in net.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook_id in [k for k, hook in hooks.items() if isinstance(hook, _HOOKS)]:
+                del hooks[hook_id]
+                module._forward_hooks_always_called.pop(hook_id, None)
+                module._forward_hooks_with_kwargs.pop(hook_id, None)
+
+
+def attached(net: torch.nn.Module) -> bool:
+    return any(isinstance(h, _EnterSaving) for h in net._forward_pre_hooks.values())
