@@ -21,7 +21,61 @@ def has_cuda() -> bool:
     return True
 
 
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="a fast subset: every value of every parameter of each parametrized test at least "
+                          "once (so every model, surrogate and dtype), every module's tests, nothing marked slow")
+
+
+# Grid factors every model shares: covered once over all models; a model's own options
+# (kind, v_reset, ...) are covered per model.
+SHARED_FACTORS = {"surrogate", "dtype", "store_v_seq", "T", "calls", "training", "step_mode"}
+
+
+def _features(item) -> set:
+    """The parameter values an item covers."""
+    features = set()
+    for name, value in item.callspec.params.items():
+        if isinstance(value, dict):
+            model = value.get("model")
+            features |= {(name, None if k in SHARED_FACTORS else model, k, repr(v)) for k, v in value.items()}
+        else:
+            features.add((name, repr(value)))
+    return features
+
+
+def quick_subset(items) -> list:
+    """Per test function, a greedy cover of its parameter values (each value in some kept item);
+    unparametrized tests are all kept; slow ones dropped unless that would leave a module empty."""
+    kept, groups = [], {}
+    for item in items:
+        if hasattr(item, "callspec"):
+            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+        else:
+            kept.append(item)
+    for group in groups.values():
+        todo = set().union(*map(_features, group))
+        while todo:
+            best = max(group, key=lambda it: len(_features(it) & todo))
+            kept.append(best)
+            todo -= _features(best)
+    chosen = {id(item) for item in kept}
+    fast = [item for item in items if id(item) in chosen and "slow" not in item.keywords]
+    modules = {item.module.__name__ for item in fast}
+    # A module whose every kept test is slow keeps its first one, so each module still runs.
+    firsts = {}
+    for item in items:
+        if id(item) in chosen and item.module.__name__ not in modules:
+            firsts.setdefault(item.module.__name__, item)
+    keep = {id(item) for item in fast} | {id(item) for item in firsts.values()}
+    return [item for item in items if id(item) in keep]
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--quick"):
+        selected = quick_subset(items)
+        config.hook.pytest_deselected(items=[item for item in items if item not in set(selected)])
+        items[:] = selected
     if has_cuda():
         return
     reason = "needs a CUDA device and CuPy (this machine has " + (
