@@ -25,9 +25,9 @@ def _setup(kind, dtype, v_reset, decay_input, T=41, N=263, seed=0):
     w = torch.tensor(-0.4)
     options = dict(kind=kind, tau=1.7, decay_input=decay_input, v_threshold=0.4, v_reset=v_reset,
                    surrogate_function=surrogate.ATan(alpha=2.5))
-    spec = K.NeuronSpec.from_options(w=w, **options)
-    k_tensor = K.neuron_parameters(dict(w=w, **options), x)[0]  # the parameter tensor
-    return x, w, options, spec, k_tensor
+    spec = K.NeuronSpec.from_options(model="lif", w=w, **options)
+    params = K.neuron_parameters(dict(model="lif", w=w, **options), x)[0]
+    return x, w, options, spec, params
 
 
 def _v0(x, v_reset):
@@ -42,18 +42,18 @@ def test_speculate_then_fix_up_equals_one_run_bitwise(dtype, kind, v_reset):
     """Split at several points, speculate the second part from bad guesses (including NaN and
     inf, which never match), fix it up from the true state: spikes, v_seq, the checkpoints the
     backward will use and the final state equal the unsplit run bit for bit."""
-    x, w, options, spec, k_tensor = _setup(kind, dtype, v_reset, decay_input=kind != "if")
+    x, w, options, spec, params = _setup(kind, dtype, v_reset, decay_input=kind != "if")
     s_ref, v_ref, vs_ref = lif_multi_step(x, w=w, store_v_seq=True, **options)
     acc = ops.state_dtype(dtype)
     for t0, guess in [(1, 0.0), (17, 0.37), (16, float("nan")), (30, float("inf")), (40, -3.0)]:
-        s1, v1, vs1, _ = K.shard_forward(x[:t0].contiguous(), _v0(x, v_reset), spec, k_tensor, True, True)
+        s1, v1, vs1, _ = K.shard_forward(x[:t0].contiguous(), _v0(x, v_reset), spec, params, True, True)
         x2 = x[t0:].contiguous()
-        s2, v2, vs2, ck2 = K.shard_forward(x2, torch.full_like(v1, guess), spec, k_tensor, True, True)
-        L = K.shard_fixup(x2, v1, ck2, s2, vs2, v2, spec, k_tensor)
+        s2, v2, vs2, ck2 = K.shard_forward(x2, torch.full_like(v1, guess), spec, params, True, True)
+        L = K.shard_fixup(x2, v1, ck2, s2, vs2, v2, spec, params)
         assert torch.equal(torch.cat([s1, s2]), s_ref), (t0, guess)
         assert torch.equal(torch.cat([vs1, vs2]), vs_ref), (t0, guess)
         assert torch.equal(v2, v_ref), (t0, guess)
-        _, _, _, ck_true = K.shard_forward(x2, v1, spec, k_tensor, False, True)
+        _, _, _, ck_true = K.shard_forward(x2, v1, spec, params, False, True)
         assert torch.equal(ck2, ck_true), (t0, guess)
         assert int(L.min()) >= 0 and int(L.max()) <= x2.shape[0]
         if guess != guess or guess == float("inf"):  # NaN/inf h never equals a finite one
@@ -61,21 +61,21 @@ def test_speculate_then_fix_up_equals_one_run_bitwise(dtype, kind, v_reset):
 
 
 def test_fix_up_length_is_zero_for_a_right_guess_and_full_for_soft_reset_if():
-    x, w, options, spec, k_tensor = _setup("lif", torch.float32, 0.0, decay_input=False)
-    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, 0.0), spec, k_tensor, False, False)[1]
+    x, w, options, spec, params = _setup("lif", torch.float32, 0.0, decay_input=False)
+    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, 0.0), spec, params, False, False)[1]
     x2 = x[9:].contiguous()
-    s2, v2, _, ck2 = K.shard_forward(x2, v1.clone(), spec, k_tensor, False, True)
-    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor) == 0).all())
+    s2, v2, _, ck2 = K.shard_forward(x2, v1.clone(), spec, params, False, True)
+    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, params) == 0).all())
     # LIF, hard reset: the wrong guess is forgotten (leak and reset) well before the slice ends
-    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.35), spec, k_tensor, False, True)
-    L = K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor)
+    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.35), spec, params, False, True)
+    L = K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, params)
     assert L.float().mean() < 16 and int(L.max()) < x2.shape[0]
     # IF, soft reset: v_t - v'_t stays v_0 - v'_0 for ever, so no neuron ever matches
-    x, w, options, spec, k_tensor = _setup("if", torch.float64, None, decay_input=False)
-    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, None), spec, k_tensor, False, False)[1]
+    x, w, options, spec, params = _setup("if", torch.float64, None, decay_input=False)
+    v1 = K.shard_forward(x[:9].contiguous(), _v0(x, None), spec, params, False, False)[1]
     x2 = x[9:].contiguous()
-    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.125), spec, k_tensor, False, True)
-    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, k_tensor) == x2.shape[0]).all())
+    s2, v2, _, ck2 = K.shard_forward(x2, torch.full_like(v1, 0.125), spec, params, False, True)
+    assert bool((K.shard_fixup(x2, v1, ck2, s2, None, v2, spec, params) == x2.shape[0]).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,7 +84,7 @@ def test_fix_up_length_is_zero_for_a_right_guess_and_full_for_soft_reset_if():
 def test_backward_is_affine_in_the_carry(dtype, kind, v_reset):
     """grad_v_init = A * carry_in + B, and the final pass from the true carry gives the unsplit
     gradient (bitwise when the carry is passed on exactly, as here)."""
-    x, w, options, spec, k_tensor = _setup(kind, dtype, v_reset, decay_input=True, seed=3)
+    x, w, options, spec, params = _setup(kind, dtype, v_reset, decay_input=True, seed=3)
     g = torch.Generator().manual_seed(5)
     grad_spike = torch.randn(x.shape, generator=g).to(dtype)
     x_ref = x.clone().requires_grad_()
@@ -92,15 +92,15 @@ def test_backward_is_affine_in_the_carry(dtype, kind, v_reset):
     (s_ref.float() * grad_spike.float()).sum().backward()
     t0 = 23
     x1, x2 = x[:t0].contiguous(), x[t0:].contiguous()
-    _, v1, _, ck1 = K.shard_forward(x1, _v0(x, v_reset), spec, k_tensor, False, True)
-    _, _, _, ck2 = K.shard_forward(x2, v1, spec, k_tensor, False, True)
+    _, v1, _, ck1 = K.shard_forward(x1, _v0(x, v_reset), spec, params, False, True)
+    _, _, _, ck2 = K.shard_forward(x2, v1, spec, params, False, True)
     gx2, carry, _, _ = K.shard_backward(grad_spike[t0:].contiguous(), None, None, None, x2, ck2, spec,
-                                        k_tensor, True, False, False)
+                                        params, True, False, False)
     gx1, gv0, _, _ = K.shard_backward(grad_spike[:t0].contiguous(), None, None, carry, x1, ck1, spec,
-                                      k_tensor, True, False, False)
+                                      params, True, False, False)
     assert torch.equal(torch.cat([gx1, gx2]), x_ref.grad)
     no_x, b, a, _ = K.shard_backward(grad_spike[:t0].contiguous(), None, None, None, x1, ck1, spec,
-                                     k_tensor, False, True, False)
+                                     params, False, True, False)
     assert no_x is None
     tol = grad_tolerance(torch.float32 if dtype != torch.float64 else dtype)
     torch.testing.assert_close(a * carry + b, gv0, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, gv0.abs().max()))
@@ -171,6 +171,14 @@ def test_every_one_state_model_shards_exactly(model):
     _, b, a, _ = K.shard_backward(grad_spike[:17].contiguous(), None, None, None, x[:17].contiguous(), ck1, spec,
                                   params, False, True)
     torch.testing.assert_close(a * carry + b, gv0, rtol=2e-5, atol=2e-6 * max(1.0, gv0.abs().max()))
+
+
+def test_the_model_is_named_not_assumed():
+    """No model defaults to LIF: options without one are a clear error, not LIF's kernels."""
+    with pytest.raises(TypeError, match="model"):
+        K.NeuronSpec.from_options(kind="if")
+    with pytest.raises(ValueError, match="no 'model'.*node_options"):
+        K.neuron_parameters(dict(kind="if"), torch.zeros(2, 3))
 
 
 def test_a_model_with_two_state_variables_is_refused_by_name():

@@ -29,8 +29,9 @@ class NeuronSpec:
     v_reset: float          # the initial v (v_reset, or 0 for soft reset): a rank's speculative guess
 
     @staticmethod
-    def from_options(model: str = "lif", surrogate_function=None, **options) -> "NeuronSpec":
-        """From ``spikingjelly.node_options(node)`` (``neuron_multi_step``'s keyword arguments)."""
+    def from_options(model: str, surrogate_function=None, **options) -> "NeuronSpec":
+        """From ``spikingjelly.node_options(node)`` (``neuron_multi_step``'s keyword arguments,
+        ``model`` included: a registry name, as ``REGISTRY`` lists them)."""
         m = REGISTRY[model]
         if not m.shardable:
             raise ValueError(
@@ -47,7 +48,10 @@ def neuron_parameters(options: dict, x: Tensor) -> tuple[Tensor, int]:
     """The parameter tensor for ``options`` (node_options) in x's state dtype, and the mask of its
     learnable entries: the same values functional.neuron_multi_step passes, so a sharded layer
     equals the one-device run bit for bit."""
-    m = REGISTRY[options.get("model", "lif")]
+    if "model" not in options:
+        raise ValueError(f"neuron_parameters: options has no 'model' (keys {sorted(options)}): pass "
+                         f"spikingjelly.node_options(node), which names it, or add model=<a REGISTRY name>")
+    m = REGISTRY[options["model"]]
     o = dict(m.defaults, **{k: v for k, v in options.items() if k not in ("model", "surrogate_function")})
     return parameter_tensor(m.param_values(o), ops.state_dtype(x.dtype), x.device)
 
@@ -55,7 +59,8 @@ def neuron_parameters(options: dict, x: Tensor) -> tuple[Tensor, int]:
 def shard_forward(x: Tensor, v_init: Tensor, spec: NeuronSpec, params: Tensor, store_v_seq: bool,
                   save_checkpoints: bool):
     """x (T, N), v_init (N,) state dtype -> spike (T, N), v_last (N,) state dtype, v_seq (T, N) or
-    None, checkpoints (ceil(T/16), 1, N) state dtype or None."""
+    None, checkpoints (ceil(T / chunk), 1, N) state dtype or None
+    (``chunk``: the model's checkpoint interval, ``REGISTRY[spec.model].chunk``)."""
     spike, v_last, _, v_seq, checkpoints = ops.neuron_forward(
         x, v_init, v_init.new_empty((0,)), params, spec.model, spec.form, spec.backward_form, spec.surrogate_id,
         spec.surrogate_a, spec.surrogate_b, 0, store_v_seq, save_checkpoints)
