@@ -12,7 +12,7 @@ Whole networks: ``shard_network(net)`` wraps every neuron, synchronises batch no
 """
 from .network import TimeSyncBatchNorm, shard_network, sync_gradients, time_mean, time_sum
 from .node import TimeShardedNode, shard_input, time_slice
-from .transport import TimeShardingError
+from .errors import TimeShardingError
 
 __all__ = ["TimeShardedNode", "TimeShardingError", "TimeSyncBatchNorm", "shard_input", "shard_network",
            "sync_gradients", "time_mean", "time_slice", "time_sum"]

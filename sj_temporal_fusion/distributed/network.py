@@ -20,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spikingjelly import NODES, fusable
 from .node import TimeShardedNode
-from .transport import DEFAULT_TIMEOUT, all_gather, all_reduce_
+from .collectives import all_gather, all_reduce_
+from .errors import DEFAULT_TIMEOUT
 
 
 class _AllGather(torch.autograd.Function):
@@ -141,7 +142,8 @@ _UNSUPPORTED_MEMORY = (base.MemoryModule,)
 def shard_network(net: nn.Module, group: Optional[dist.ProcessGroup] = None, *,
                   timeout: float = DEFAULT_TIMEOUT, T: Optional[int] = None) -> nn.Module:
     """Make ``net`` (a SpikingJelly multi-step network) time-sharded over ``group``, in place:
-    every IF/LIF/ParametricLIF node becomes a ``TimeShardedNode`` named by its qualified name,
+    every neuron the backend serves becomes a ``TimeShardedNode`` (one with two state variables,
+    Izhikevich, is refused by name) named by its qualified name,
     every batch norm a ``TimeSyncBatchNorm``. Returns ``net``. Every rank must call this on the
     same architecture (layers are matched by order). Raises on stateful modules whose state would
     cross the slice boundary (other neuron types, synapse filters, delays, dropout that shares
@@ -159,7 +161,8 @@ def shard_network(net: nn.Module, group: Optional[dist.ProcessGroup] = None, *,
                 raise NotImplementedError(
                     f"shard_network: '{full}' ({type(child).__name__}) keeps state across time steps "
                     f"that time sharding cannot carry between ranks; supported stateful layers are "
-                    f"IFNode, LIFNode and ParametricLIFNode with their stock dynamics"
+                    f"the neurons with one state variable (IF, LIF, ParametricLIF, QIF, EIF, KLIF) "
+                    f"with their stock dynamics"
                     + ("; layer.Dropout shares one mask over all T steps: use it on one device"
                        if isinstance(child, layer.Dropout) else ""))
     return net

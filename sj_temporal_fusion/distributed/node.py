@@ -2,8 +2,9 @@
 process group, exact and parallel.
 
 Forward, on rank j of k (slices contiguous, in rank order):
-  1. run the slice at once from a guessed state (v_reset; 0 for soft reset), keeping fp32
-     checkpoints every 16 steps (ops.CHUNK);
+  1. run the slice at once from a guessed state (v_reset; 0 for soft reset), keeping checkpoints
+     of the state (fp32, fp64 for fp64) every ``chunk`` steps of the model (``REGISTRY[model].chunk``:
+     16 for IF/LIF/PLIF, QIF and EIF, 8 for KLIF);
   2. receive the true initial state from rank j-1 (in the state dtype, never rounded to fp16);
   3. fix up: re-run from the true state beside the speculative run (recomputed from its
      checkpoints) until the two pre-spike potentials h are bitwise equal; equal h gives an equal
@@ -34,7 +35,9 @@ from ..spikingjelly import NODES, fusable, node_options
 from . import kernels
 from .kernels import NeuronSpec
 from .scan import exclusive_affine_scan
-from .transport import DEFAULT_TIMEOUT, TimeShardingError, Transport, transport_for
+from .errors import DEFAULT_TIMEOUT, TimeShardingError
+from .registry import transport_for
+from .transport import Transport
 
 _LAYER_IDS = itertools.count()
 TAG_STRIDE = 64   # tags of one layer: layer_id * 64 + phase
@@ -69,9 +72,9 @@ def shard_input(x_seq: Tensor, group: Optional[dist.ProcessGroup] = None) -> Ten
     return x_seq[time_slice(x_seq.shape[0], dist.get_rank(group), dist.get_world_size(group))]
 
 
-class _ShardedLIF(torch.autograd.Function):
+class _ShardedNeuron(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v0, k_tensor, layer, spec: NeuronSpec, transport: Transport, store_v_seq: bool,
+    def forward(ctx, x, v0, params, layer, spec: NeuronSpec, transport: Transport, store_v_seq: bool,
                 needs_grad: bool, param_mask: int):
         T, N = x.shape
         j, k = transport.rank, transport.size
@@ -79,18 +82,18 @@ class _ShardedLIF(torch.autograd.Function):
         tag = layer.layer_id * TAG_STRIDE + TAG_STATE
         if j == 0:
             spike, v_last, v_seq, checkpoints = kernels.shard_forward(
-                x, v0.to(acc).contiguous(), spec, k_tensor, store_v_seq, needs_grad)
+                x, v0.to(acc).contiguous(), spec, params, store_v_seq, needs_grad)
             fixup_len = None
         else:
             # Any guess is exact; v_reset is where a leaky neuron's state tends to be.
             guess = x.new_full((N,), spec.v_reset, dtype=acc)
             spike, v_last, v_seq, checkpoints = kernels.shard_forward(
-                x, guess, spec, k_tensor, store_v_seq, True)
+                x, guess, spec, params, store_v_seq, True)
             v_in = x.new_empty((N,), dtype=acc)
             transport.wait(transport.recv(v_in, j - 1, tag, layer.describe(
                 f"forward: the membrane state entering this rank's slice, from rank {j - 1}"),
                 layer.timeout))
-            fixup_len = kernels.shard_fixup(x, v_in, checkpoints, spike, v_seq, v_last, spec, k_tensor)
+            fixup_len = kernels.shard_fixup(x, v_in, checkpoints, spike, v_seq, v_last, spec, params)
         if j < k - 1:
             transport.send(v_last, j + 1, tag, layer.describe(
                 f"forward: the membrane state leaving this rank's slice, to rank {j + 1}"), layer.timeout)
@@ -100,7 +103,7 @@ class _ShardedLIF(torch.autograd.Function):
         layer.last_fixup_len = fixup_len
         ctx.layer, ctx.spec, ctx.transport, ctx.param_mask = layer, spec, transport, param_mask
         if needs_grad:
-            ctx.save_for_backward(x, checkpoints, k_tensor)
+            ctx.save_for_backward(x, checkpoints, params)
         if v_seq is None:
             v_seq = x.new_empty((0, N))
         if not store_v_seq:
@@ -110,7 +113,7 @@ class _ShardedLIF(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_spike, grad_v_last, grad_v_seq):
-        x, checkpoints, k_tensor = ctx.saved_tensors
+        x, checkpoints, params = ctx.saved_tensors
         if checkpoints is None:
             raise RuntimeError("TimeShardedNode ran its forward without grad, so it cannot be differentiated")
         layer, spec, transport = ctx.layer, ctx.spec, ctx.transport
@@ -125,27 +128,28 @@ class _ShardedLIF(torch.autograd.Function):
         if j >= 1:
             # Local pass with no carry from the right: B, and A = prod a_t (not needed on rank k-1).
             _, b, a, _ = kernels.shard_backward(grad_spike, g_seq, g_last, None, x, checkpoints, spec,
-                                                k_tensor, False, j < k - 1, False)
+                                                params, False, j < k - 1, False)
             own = torch.stack([a if a is not None else torch.zeros_like(b), b])
         carry = exclusive_affine_scan(own, transport, layer.layer_id * TAG_STRIDE,
                                       layer.describe("backward"), layer.timeout,
                                       like=x.new_empty((N,), dtype=acc))
         mask = ctx.param_mask if ctx.needs_input_grad[2] else 0
         grad_x, grad_v0, _, grad_params = kernels.shard_backward(
-            grad_spike, g_seq, g_last, carry, x, checkpoints, spec, k_tensor, True, False, mask)
+            grad_spike, g_seq, g_last, carry, x, checkpoints, spec, params, True, False, mask)
         transport.flush()  # the scan's sends, so a rank whose neighbour died fails too
         grad_v0 = grad_v0 if ctx.needs_input_grad[1] else None
         return grad_x, grad_v0, grad_params, None, None, None, None, None, None
 
 
 class TimeShardedNode(nn.Module):
-    """Wraps a SpikingJelly IFNode / LIFNode / ParametricLIFNode (step_mode 'm', stock dynamics)
-    so that each rank of ``group`` runs a contiguous slice of the time axis, ranks in time order.
+    """Wraps a SpikingJelly neuron with one state variable (IF, LIF, ParametricLIF, QIF, EIF or
+    KLIF node; step_mode 'm', stock dynamics; Izhikevich's two are refused by name) so that each
+    rank of ``group`` runs a contiguous slice of the time axis, ranks in time order.
 
     ``forward(x_local)``: x_local (T_j, *) -> spikes (T_j, *), equal bit for bit to the matching
     slice of the one-device run; so are ``v`` (the state after this rank's slice) and ``v_seq``.
-    Gradients of x_local equal the one-device ones to rounding; a ParametricLIFNode's ``w.grad``
-    holds this rank's part, summed over the group by ``sync_gradients``.
+    Gradients of x_local equal the one-device ones to rounding; a learned parameter's gradient (PLIF's
+    ``w``, KLIF's ``k``, a learned threshold) holds this rank's part, summed over the group by ``sync_gradients``.
 
     Every rank must call the same TimeShardedNodes in the same order (layers are matched by
     construction order) and call ``backward`` through each of them. ``T``: the whole sequence
@@ -311,7 +315,7 @@ class TimeShardedNode(nn.Module):
         N = x.shape[1]
         options = node_options(node)
         spec = NeuronSpec.from_options(**options)
-        k_tensor, param_mask = kernels.neuron_parameters(options, x)  # the parameter tensor
+        params, param_mask = kernels.neuron_parameters(options, x)  # the parameter tensor
         acc = ops.state_dtype(x.dtype)
 
         v0 = None
@@ -340,7 +344,7 @@ class TimeShardedNode(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (v0 is not None and v0.requires_grad)
             or param_mask != 0)
-        spike, v_last, v_seq = _ShardedLIF.apply(x, v0, k_tensor, self, spec, transport,
+        spike, v_last, v_seq = _ShardedNeuron.apply(x, v0, params, self, spec, transport,
                                                  bool(node.store_v_seq), needs_grad, param_mask)
         node.v = v_last.reshape(shape)
         if node.store_v_seq:

@@ -2,21 +2,25 @@
 what one GPU can show; docs/time_sharding.md lists what needs two or more).
 
     python -W error::DeprecationWarning -m sj_temporal_fusion.distributed.smoke            # a GPU
-    python -W error::DeprecationWarning -m sj_temporal_fusion.distributed.smoke --dry-run  # a CPU
     # two or more GPUs, one process each (what one GPU cannot show):
     python -W error::DeprecationWarning -m torch.distributed.run --standalone --nproc-per-node 2 \
         -m sj_temporal_fusion.distributed.smoke --ranks
+    # in a checkout, the same stages on the CPU with NCCL emulated (test code, not installed):
+    python -W error::DeprecationWarning tests/_smoke_on_cpu.py [--ranks under torchrun]
 
-Stages (``run`` returns one record per stage; ``./dev gpu`` calls ``run`` or the command):
+Stages (``run`` returns one record per stage; ``./dev gpu`` calls the command):
   1. the shard kernels on CUDA against the host build: forward and fix-up, bit for bit, for
-     IF/LIF/PLIF x hard/soft reset x fp32/fp16/bf16/fp64 (skipped in the dry run);
+     IF/LIF/PLIF x hard/soft reset x fp32/fp16/bf16/fp64 (skipped on the CPU);
   2. a one-rank CuPy NCCL communicator sending to and receiving from itself, fp32 / bf16 / fp64,
      N = 4M, bit for bit;
-  3. a lone receive that must time out and raise ``TimeShardingError`` (not hang, not return);
+  3. a receive from itself with no send to itself in its group: NCCL refuses it at once
+     (ncclInvalidUsage), and the transport must raise ``TimeShardingError`` saying so, not hang
+     and not return. A receive that waits and then times out needs a peer that never sends, so
+     a second rank, so a second GPU: the ``--ranks`` run and the CPU tests cover that;
   4. a one-rank ``TimeShardedNode`` forward and backward against the single-device result.
 Everything runs with DeprecationWarning as an error (CuPy 14 deprecates APIs CuPy 13 had).
-``--dry-run`` runs stages 2-4 on the CPU: host build, CuPy's ``nccl`` replaced by
-``nccl_emulation`` (NCCL's pairing rules, bounded by the same watchdog).
+``run``, ``run_ranks`` and ``main`` take ``make_nccl(device, timeout)``, the maker of the CuPy NCCL
+transport; the CPU run passes an emulation of NCCL's rules there, bounded by the same watchdog.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .cuda_streams import indexed
+from .transport import Transport
 
 N_DEFAULT = 4 * 1024 * 1024
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
@@ -47,6 +54,27 @@ def _same_bits(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     return a.shape == b.shape and torch.equal(_bits(a.cpu()), _bits(b.cpu()))
 
 
+MakeNccl = Callable[[torch.device, float], Transport]  # (device, set-up timeout) -> the CuPy NCCL transport
+
+
+def cupy_nccl(device: torch.device, timeout: float):
+    """The CuPy NCCL transport of a one-rank default group on ``device``."""
+    from .nccl_transport import NcclTransport
+    return NcclTransport(None, device, timeout)
+
+
+def _device(name: Optional[str], make_nccl: Optional[MakeNccl]) -> torch.device:
+    """The device the run uses, with its index (``torch.cuda.set_device`` refuses one without)."""
+    dev = torch.device(name or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("smoke: no CUDA device here; in a checkout, tests/_smoke_on_cpu.py runs what a "
+                         "CPU can, with NCCL emulated")
+    if dev.type != "cuda" and make_nccl is None:
+        raise SystemExit(f"smoke: --device {dev} has no NCCL; pass make_nccl (tests/_smoke_on_cpu.py "
+                         f"passes an emulation of NCCL's rules)")
+    return indexed(dev)
+
+
 def _ensure_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
@@ -54,18 +82,10 @@ def _ensure_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _transport(device: torch.device, dry_run: bool, timeout: float):
-    from .transport import NcclTransport
-    if dry_run:
-        from .nccl_emulation import EmulatedNccl, HostStreams
-        return NcclTransport(None, device, timeout, nccl=EmulatedNccl(), streams=HostStreams())
-    return NcclTransport(None, device, timeout)
-
-
 # ---------------------------------------------------------------- stages
 
-def stage_kernels(device: torch.device, dry_run: bool, n: int) -> str:
-    if dry_run or device.type != "cuda":
+def stage_kernels(device: torch.device, n: int, make_nccl: MakeNccl) -> str:
+    if device.type != "cuda":
         raise _Skip("needs a CUDA device (the host build is the reference)")
     return compare_kernels(device)
 
@@ -82,19 +102,20 @@ def compare_kernels(device: torch.device) -> str:
                 g = torch.Generator().manual_seed(checked)
                 x = (torch.randn(T, N, generator=g) * 0.7 + 0.3).to(dtype)
                 w = torch.tensor(-0.4)
-                spec = kernels.NeuronSpec.from_options(kind=kind, tau=1.7, w=w, decay_input=False,
+                spec = kernels.NeuronSpec.from_options(model="lif", kind=kind, tau=1.7, w=w, decay_input=False,
                                                        v_threshold=0.4, v_reset=v_reset)
                 outs = []
                 for dev in (torch.device("cpu"), device):
                     xd = x.to(dev)
-                    k_tensor = kernels.neuron_parameters(dict(kind=kind, tau=1.7, w=w.to(dev), decay_input=False,
-                                                              v_threshold=0.4, v_reset=v_reset), xd)[0]
+                    params = kernels.neuron_parameters(dict(model="lif", kind=kind, tau=1.7, w=w.to(dev),
+                                                            decay_input=False, v_threshold=0.4,
+                                                            v_reset=v_reset), xd)[0]
                     acc = torch.float64 if dtype == torch.float64 else torch.float32
                     guess = torch.full((N,), v_reset or 0.0, dtype=acc, device=dev)
                     true_v = (torch.randn(N, generator=torch.Generator().manual_seed(99)) * 0.3).to(acc).to(dev)
-                    spike, v_last, v_seq, ckpt = kernels.shard_forward(xd, guess, spec, k_tensor, True, True)
+                    spike, v_last, v_seq, ckpt = kernels.shard_forward(xd, guess, spec, params, True, True)
                     fwd = [t.clone() for t in (spike, v_last, v_seq, ckpt)]
-                    fix_len = kernels.shard_fixup(xd, true_v, ckpt, spike, v_seq, v_last, spec, k_tensor)
+                    fix_len = kernels.shard_fixup(xd, true_v, ckpt, spike, v_seq, v_last, spec, params)
                     outs.append(fwd + [spike, v_last, v_seq, ckpt, fix_len])
                 names = ["forward spike", "forward v_last", "forward v_seq", "forward checkpoints",
                          "fixed-up spike", "fixed-up v_last", "fixed-up v_seq", "fixed-up checkpoints",
@@ -107,8 +128,8 @@ def compare_kernels(device: torch.device) -> str:
     return f"{checked} configurations, forward and fix-up bit for bit (T={T}, N={N})"
 
 
-def stage_send_recv_self(device: torch.device, dry_run: bool, n: int) -> str:
-    t = _transport(device, dry_run, timeout=60.0)
+def stage_send_recv_self(device: torch.device, n: int, make_nccl: MakeNccl) -> str:
+    t = make_nccl(device, 60.0)
     try:
         done = []
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -125,31 +146,38 @@ def stage_send_recv_self(device: torch.device, dry_run: bool, n: int) -> str:
         t.close()
 
 
-def stage_lone_receive(device: torch.device, dry_run: bool, n: int, timeout: float = 2.0) -> str:
-    from .transport import TimeShardingError
-    t = _transport(device, dry_run, timeout=60.0)
+def stage_self_receive_refused(device: torch.device, n: int, make_nccl: MakeNccl,
+                               timeout: float = 20.0) -> str:
+    """NCCL refuses a receive from the rank itself without a send to itself in the same group at
+    once (ncclInvalidUsage at ncclGroupEnd). It must come back as a ``TimeShardingError`` that
+    says NCCL refused the call, well before the timeout, never as a hang or a return."""
+    from .errors import TimeShardingError
+    t = make_nccl(device, 60.0)
     try:
         buf = torch.empty(1024, device=device)
         start = time.monotonic()
         try:
-            t.exchange([], [(buf, 0, "smoke: a receive nobody sends")], 0, timeout, complete=True)
+            t.exchange([], [(buf, 0, "smoke: a receive from itself with no send")], 0, timeout, complete=True)
         except TimeShardingError as exc:
             waited = time.monotonic() - start
-            if not timeout <= waited < timeout + 10:
-                raise AssertionError(f"raised after {waited:.1f} s with a timeout of {timeout} s: {exc}")
-            return f"raised after {waited:.2f} s (timeout {timeout} s): {str(exc)[:100]}..."
-        raise AssertionError("a receive that nobody sends returned instead of raising")
+            if "NCCL refused" not in str(exc):
+                raise AssertionError(f"after {waited:.1f} s, an error other than NCCL's refusal: {exc}") from exc
+            if waited >= timeout / 2:  # the refusal is immediate; a wait means NCCL queued the receive
+                raise AssertionError(f"refused only after {waited:.1f} s (timeout {timeout:g} s): {exc}") from exc
+            return f"refused after {waited:.3f} s: {str(exc)[:160]}..."
+        raise AssertionError("a receive from itself with no send returned instead of raising")
     finally:
         t.close()
 
 
-def stage_one_rank_node(device: torch.device, dry_run: bool, n: int) -> str:
+def stage_one_rank_node(device: torch.device, n: int, make_nccl: MakeNccl) -> str:
+    """Through the engine ``transport_for`` picks on a GPU; on the CPU through ``make_nccl``'s."""
     from spikingjelly.activation_based import neuron
     import sj_temporal_fusion  # noqa: F401  (the backend)
     from . import TimeShardedNode
-    from .transport import _forget_transports, use_transport
-    if dry_run:
-        use_transport(_transport(device, dry_run, 60.0), device)
+    from .registry import _forget_transports, use_transport
+    if device.type != "cuda":
+        use_transport(make_nccl(device, 60.0), device)
     report = []
     try:
         for dtype, rtol, atol in ((torch.float32, 1e-5, 1e-6), (torch.bfloat16, 2e-2, 1e-2)):
@@ -183,28 +211,28 @@ class _Skip(Exception):
 STAGES: list[tuple[str, Callable]] = [
     ("shard kernels: CUDA vs host build", stage_kernels),
     ("one-rank NCCL communicator: send/recv to itself", stage_send_recv_self),
-    ("lone receive times out and raises", stage_lone_receive),
+    ("receive from itself without a send: refused at once", stage_self_receive_refused),
     ("one-rank TimeShardedNode vs one device", stage_one_rank_node),
 ]
 
 
-def run(dry_run: bool = False, n: int = N_DEFAULT, device: Optional[str] = None,
+def run(device: Optional[str] = None, n: int = N_DEFAULT, make_nccl: Optional[MakeNccl] = None,
         log: Callable[[str], None] = print) -> dict:
-    """Run every stage with DeprecationWarning as an error. Returns {"ok", "device", "dry_run",
-    "stages": [{"name", "status": passed | failed | skipped, "detail", "seconds"}]}."""
-    dev = torch.device(device or ("cpu" if dry_run else "cuda"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("smoke: no CUDA device here; use --dry-run to run what a CPU can")
+    """Run every stage with DeprecationWarning as an error on ``device`` (default: the current
+    CUDA device; another needs ``make_nccl``). Returns {"ok", "device", "emulated", "stages":
+    [{"name", "status": passed | failed | skipped, "detail", "seconds"}]}."""
+    dev = _device(device, make_nccl)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     _ensure_group(dev)
+    make = make_nccl or cupy_nccl
     stages = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         for name, fn in STAGES:
             start = time.monotonic()
             try:
-                status, detail = "passed", fn(dev, dry_run, n)
+                status, detail = "passed", fn(dev, n, make)
             except _Skip as exc:
                 status, detail = "skipped", str(exc)
             except Exception as exc:  # reported, and the run fails
@@ -212,23 +240,20 @@ def run(dry_run: bool = False, n: int = N_DEFAULT, device: Optional[str] = None,
             stages.append(dict(name=name, status=status, detail=detail,
                                seconds=round(time.monotonic() - start, 3)))
             log(f"[{status:7s}] {name} ({stages[-1]['seconds']:.1f} s): {detail.splitlines()[0] if detail else ''}")
-    return dict(ok=all(s["status"] != "failed" for s in stages), device=str(dev), dry_run=dry_run,
+    return dict(ok=all(s["status"] != "failed" for s in stages), device=str(dev), emulated=make_nccl is not None,
                 torch=torch.__version__, stages=stages)
 
 
 # ---------------------------------------------------------------- two or more ranks (torchrun)
 
-def _use_engine(engine: str, device: torch.device, dry_run: bool) -> None:
+def _use_engine(engine: str, device: torch.device, make_nccl: Optional[MakeNccl]) -> None:
     """Route this device's time sharding through ``engine``: 'torch' (torch.distributed's group)
-    or 'cupy' (CuPy's NCCL communicator; emulated in the dry run)."""
-    from .transport import NcclTransport, TorchTransport, _forget_transports, use_transport
+    or 'cupy' (CuPy's NCCL communicator, or on the CPU ``make_nccl``'s transport)."""
+    from .registry import _forget_transports, use_transport
+    from .torch_transport import TorchTransport
     _forget_transports()
-    if dry_run:
-        if engine == "torch":
-            use_transport(TorchTransport(None, device), device)
-        else:
-            from .nccl_emulation import EmulatedNccl, HostStreams
-            use_transport(NcclTransport(None, device, 60.0, nccl=EmulatedNccl(), streams=HostStreams()), device)
+    if device.type != "cuda":
+        use_transport(TorchTransport(None, device) if engine == "torch" else make_nccl(device, 60.0), device)
     else:
         os.environ["SJ_TF_SHARD_TRANSPORT"] = engine
 
@@ -286,16 +311,17 @@ def ranks_mismatch(device: torch.device, engine: str) -> str:
     raise AssertionError(f"rank {rank} went on although rank 1's per-step shape differs")
 
 
-def run_ranks(dry_run: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Under torchrun: each process takes cuda:LOCAL_RANK (the CPU in the dry run) and runs the
-    parity and mismatch stages through each transport engine. Every rank returns all ranks'
-    records, gathered."""
+def run_ranks(device: Optional[str] = None, make_nccl: Optional[MakeNccl] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Under torchrun: each process takes cuda:LOCAL_RANK (or ``device``, which on the CPU needs
+    ``make_nccl``) and runs the parity and mismatch stages through each transport engine. Every
+    rank returns all ranks' records, gathered."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu") if dry_run else torch.device("cuda", local)
+    device = _device(device or f"cuda:{local}", make_nccl)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if dry_run else "cpu:gloo,cuda:nccl")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     stages = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
@@ -303,7 +329,7 @@ def run_ranks(dry_run: bool = False, log: Callable[[str], None] = print) -> dict
             for name, fn in ((f"parity over {engine}", ranks_parity), (f"mismatch over {engine}", ranks_mismatch)):
                 start = time.monotonic()
                 try:
-                    _use_engine(engine, device, dry_run)
+                    _use_engine(engine, device, make_nccl)
                     status, detail = "passed", fn(device, engine)
                 except Exception as exc:  # reported, and the run fails
                     status, detail = "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -313,8 +339,8 @@ def run_ranks(dry_run: bool = False, log: Callable[[str], None] = print) -> dict
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, stages)
     records = [r for per_rank in gathered for r in per_rank]
-    return dict(ok=all(r["status"] != "failed" for r in records), device=str(device), dry_run=dry_run,
-                ranks=dist.get_world_size(), torch=torch.__version__, stages=records)
+    return dict(ok=all(r["status"] != "failed" for r in records), device=str(device),
+                emulated=make_nccl is not None, ranks=dist.get_world_size(), torch=torch.__version__, stages=records)
 
 
 def leave_group() -> None:
@@ -322,22 +348,22 @@ def leave_group() -> None:
     abort the process: a gloo worker thread that frees a finished collective's tensors after the
     interpreter began shutting down cannot take the GIL, and its forced unwind ends in
     std::terminate (torch 2.14: 7 of 20 two-rank runs that exit right after all_gather_object)."""
-    from .transport import close_transports
+    from .registry import close_transports
     close_transports()
     dist.destroy_process_group()
 
 
-def main(argv=None) -> int:
+def main(argv=None, make_nccl: Optional[MakeNccl] = None) -> int:
+    """The command; ``make_nccl`` as in ``run`` (tests/_smoke_on_cpu.py passes the emulation)."""
     p = argparse.ArgumentParser(prog="python -m sj_temporal_fusion.distributed.smoke", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="CPU: host build and emulated NCCL")
     p.add_argument("--n", type=int, default=N_DEFAULT, help="elements per send/recv (default 4M)")
-    p.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
+    p.add_argument("--device", default=None, help="default: the current CUDA device (cuda:LOCAL_RANK with --ranks)")
     p.add_argument("--json", default=None, help="also write the result as JSON here (rank 0)")
     p.add_argument("--ranks", action="store_true", help="under torchrun: the stages that need 2+ ranks")
     args = p.parse_args(argv)
     joined = not dist.is_initialized()
-    result = run_ranks(args.dry_run) if args.ranks else run(args.dry_run, args.n, args.device)
+    result = run_ranks(args.device, make_nccl) if args.ranks else run(args.device, args.n, make_nccl)
     rank = dist.get_rank()  # both runs join a group when there is none
     if joined:
         leave_group()

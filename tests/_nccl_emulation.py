@@ -1,5 +1,5 @@
-"""NCCL's rules on the CPU: a stand-in for CuPy's ``cupy.cuda.nccl`` module and for the CUDA
-streams of ``NcclTransport``, so the CuPy NCCL transport and the node's protocol run in CI.
+"""NCCL's rules on the CPU (test code): a stand-in for CuPy's ``cupy.cuda.nccl`` module and for the
+CUDA streams of ``NcclTransport``, so the CuPy NCCL transport and the node's protocol run in CI.
 
 What is emulated, because the node must survive it on GPUs:
   * point-to-point messages pair by issue order per (sender, receiver) and tags do not exist:
@@ -8,6 +8,10 @@ What is emulated, because the node must survive it on GPUs:
     would hang or corrupt);
   * operations between ``groupStart`` and ``groupEnd`` are issued together at ``groupEnd``; an
     unclosed group swallows every later operation of that thread (``open_groups`` shows it);
+  * a rank's messages to itself pair within one group only: a receive from itself without a
+    send to itself in the same group (or the reverse) is refused at once with
+    NCCL_ERROR_INVALID_USAGE and nothing of the group runs, as NCCL's ncclGroupEnd refuses it
+    ("Trying to recv to self without a matching send"); a lone operation is a group of one;
   * CuPy 14's set-up signatures (``get_unique_id() -> bytes``, ``NcclCommunicator(ndev, commId:
     bytes, rank)``) or CuPy 13's (a tuple of 128 signed chars), a missing library
     (``available = False``), ranks passing different ids (NCCL would hang: here an error);
@@ -27,7 +31,6 @@ import os
 import threading
 import time
 import zlib
-from collections import deque
 from typing import Optional
 
 import torch
@@ -111,17 +114,18 @@ class HostStreams:
 
 
 class _Op:
-    """One send or receive: over gloo (another rank) or a queue (to itself)."""
+    """One send or receive on ``stream``: over gloo (another rank), or paired with its
+    counterpart in the same group (to itself)."""
 
-    def __init__(self, comm, kind: str, buf: torch.Tensor, peer: int):
-        self.comm, self.kind, self.buf, self.peer = comm, kind, buf, peer
+    def __init__(self, comm, kind: str, buf: torch.Tensor, peer: int, stream: int):
+        self.comm, self.kind, self.buf, self.peer, self.stream = comm, kind, buf, peer, stream
         self.matched = False
+
+    def to_self(self) -> bool:
+        return self.peer == self.comm.rank
 
     def issue(self) -> None:
         comm = self.comm
-        if self.peer == comm.rank:
-            comm._loopback(self)
-            return
         fn = dist.isend if self.kind == "send" else dist.irecv
         # One tag for everything: pairs form in issue order, as NCCL pairs them.
         work = fn(self.buf, dist.get_global_rank(comm.wire, self.peer), group=comm.wire, tag=0)
@@ -182,12 +186,36 @@ class EmulatedNccl:
         if stack:
             stack[-1].extend(ops)
             return
-        for op in ops:
-            op.issue()
+        _launch(ops)
 
     def open_groups(self) -> int:
         """Groups this thread started and did not end."""
         return len(self._group())
+
+
+INVALID_USAGE = "NCCL_ERROR_INVALID_USAGE: invalid usage (run with NCCL_DEBUG=WARN for details)"
+
+
+def _launch(ops: list) -> None:
+    """Run one group as ncclGroupEnd does. NCCL first pairs each communicator's messages to its
+    own rank, send with receive in issue order, and refuses the whole group before anything runs
+    when one is left over; then the group's operations join their streams."""
+    pairs = []
+    for comm in {id(op.comm): op.comm for op in ops}.values():
+        sends = [op for op in ops if op.comm is comm and op.to_self() and op.kind == "send"]
+        recvs = [op for op in ops if op.comm is comm and op.to_self() and op.kind == "recv"]
+        if len(sends) != len(recvs):
+            which = "recv to self without a matching send" if len(recvs) > len(sends) else \
+                "send to self without a matching recv"
+            raise NcclError(f"{INVALID_USAGE}; NCCL's warning: Trying to {which}")
+        pairs += zip(sends, recvs)
+    for op in ops:
+        _STREAMS[op.stream].ops.append(op)
+    for send, recv in pairs:
+        send.comm._copy_to_self(send, recv)
+    for op in ops:
+        if not op.to_self():
+            op.issue()
 
 
 class _Communicator:
@@ -207,8 +235,6 @@ class _Communicator:
         self.async_error: Optional[str] = None
         self.violations: list = []
         self._busy = threading.Lock()
-        self._loop_sends: deque = deque()
-        self._loop_recvs: deque = deque()
         self._sends = 0
         self.wire = None
         if ndev > 1:
@@ -238,15 +264,14 @@ class _Communicator:
             if kind == "send":
                 self._sends += 1
                 if self.module.fail_on_send is not None and self._sends == self.module.fail_on_send:
-                    raise NcclError("injected failure of a send (nccl_emulation.fail_on_send)")
+                    raise NcclError("injected failure of a send (EmulatedNccl.fail_on_send)")
             time.sleep(self.module.enqueue_delay_s)
-            op = _Op(self, kind, _view(ptr, count), peer)
-            _STREAMS[stream].ops.append(op)
+            op = _Op(self, kind, _view(ptr, count), peer, stream)
             stack = self.module._group()
             if stack:
                 stack[-1].append(op)
             else:
-                op.issue()
+                _launch([op])
         finally:
             self._busy.release()
 
@@ -256,14 +281,7 @@ class _Communicator:
     def recv(self, recvbuf: int, count: int, datatype: int, peer: int, stream: int) -> None:
         self._op("recv", recvbuf, count, datatype, peer, stream)
 
-    def _loopback(self, op: _Op) -> None:
-        mine, other = (self._loop_sends, self._loop_recvs) if op.kind == "send" else \
-            (self._loop_recvs, self._loop_sends)
-        if not other:
-            mine.append(op)
-            return
-        partner = other.popleft()
-        send, recv = (op, partner) if op.kind == "send" else (partner, op)
+    def _copy_to_self(self, send: _Op, recv: _Op) -> None:
         if send.buf.numel() != recv.buf.numel():
             self.async_error = f"a send of {send.buf.numel()} bytes met a receive of {recv.buf.numel()}"
         else:
@@ -280,3 +298,10 @@ class _Communicator:
     def check_async_error(self) -> None:
         if self.async_error is not None:
             raise NcclError(self.async_error)
+
+
+def nccl_transport(device: torch.device, timeout: float, group=None, **emulation):
+    """``NcclTransport`` over this emulation (``emulation``: ``EmulatedNccl``'s keyword arguments),
+    with the host standing in for the CUDA streams."""
+    from sj_temporal_fusion.distributed.nccl_transport import NcclTransport
+    return NcclTransport(group, device, timeout, nccl=EmulatedNccl(**emulation), streams=HostStreams())
