@@ -1,7 +1,8 @@
 """Host kernel variants a test run needs, named before it runs, so that conftest builds them up
 front (``_host.prebuild``: several per g++ run, one run per CPU) instead of one g++ run at a time
 as each test first needs one. A test module declares the variants of its parametrized cases with
-``kernel_variants(item) -> [(expression, emulate_gpu), ...]`` (None: not declared); conftest fails
+``kernel_variants(item) -> [(expression, emulate_gpu, count_bytes), ...]`` (None: not declared),
+the arguments of ``_host.library``; conftest fails
 a declared test that launches a variant it did not declare, so the declarations cannot drift from
 what the tests run."""
 from __future__ import annotations
@@ -25,15 +26,15 @@ def call_variants(model: str, dtype: torch.dtype, options: dict, surrogate_funct
     return names
 
 
-def declared(item) -> list[tuple[str, bool]] | None:
+def declared(item) -> list[tuple[str, bool, bool]] | None:
     hook = getattr(item.module, "kernel_variants", None)
     return None if hook is None or not hasattr(item, "callspec") else hook(item)
 
 
-def declared_by_flags(items) -> dict[bool, list[str]]:
-    """{emulate_gpu: expressions} declared by ``items``, in test order."""
-    out: dict[bool, dict[str, None]] = {}
+def declared_by_flags(items) -> dict[tuple[bool, bool], list[str]]:
+    """{(emulate_gpu, count_bytes): expressions} declared by ``items``, in test order."""
+    out: dict[tuple[bool, bool], dict[str, None]] = {}
     for item in items:
-        for expression, emulate_gpu in declared(item) or ():
-            out.setdefault(emulate_gpu, {})[expression] = None
+        for expression, *flags in declared(item) or ():
+            out.setdefault(tuple(flags), {})[expression] = None
     return {flag: list(names) for flag, names in out.items()}

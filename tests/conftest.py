@@ -108,7 +108,7 @@ def pytest_collection_finish(session):
     if not count:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    seconds = sum(_host.prebuild(names, emulate_gpu=flag) for flag, names in wanted.items())
+    seconds = sum(_host.prebuild(names, *flags) for flags, names in wanted.items())
     session.config.stash[_PREBUILT] = (count, seconds)
     if reporter is not None:
         reporter.write_line(f"host kernel variants declared by the selected tests: {count}, "
@@ -129,9 +129,9 @@ def _launches_only_declared_variants(request, monkeypatch):
     from sj_temporal_fusion import _host
     used, original = [], _host.launch
 
-    def recording_launch(expression, *args, **kwargs):
-        used.append((expression, _host._emulate_gpu))
-        return original(expression, *args, **kwargs)
+    def recording_launch(expression, *args, count_bytes=False, **kwargs):
+        used.append((expression, _host._emulate_gpu, count_bytes))
+        return original(expression, *args, count_bytes=count_bytes, **kwargs)
 
     monkeypatch.setattr(_host, "launch", recording_launch)
     yield

@@ -4,7 +4,9 @@ adds global-memory traffic fails here."""
 import pytest
 import torch
 
-from sj_temporal_fusion.bench import traffic
+from sj_temporal_fusion.bench import harness, traffic
+from sj_temporal_fusion.surrogate import DEFAULT_ID
+from sj_temporal_fusion.variants import backward_variant, forward_variant
 from sj_temporal_fusion.neurons import REGISTRY
 
 # Odd sizes: T = 37 is not a multiple of the 16- or 8-step checkpoint chunk (the last one
@@ -16,6 +18,21 @@ VARIANTS = list(traffic.variants())
 def _id(v):
     extra = [name for name in ("store_v_seq", "grad_v_seq", "grad_state_last", "learnable", "fold_bn") if v[name]]
     return "-".join([v["model"], v["pass_"], v["dtype"]] + extra)
+
+
+def kernel_variants(item):
+    """The host variants a counted pass launches (tests/_prebuild.py): the counting build of the
+    measured kernel, and for a backward the plain forward that makes its checkpoints."""
+    v = item.callspec.params.get("variant")
+    if v is None:
+        return None
+    dtype = harness.DTYPES[v["dtype"]]
+    m, o, _, mask = traffic._layer(v["model"], dtype, v["learnable"])
+    forward = forward_variant(m, dtype, m.forward_form(o), v["fold_bn"])
+    if v["pass_"] != "backward":
+        return [(forward, False, True)]
+    return [(forward, False, False),
+            (backward_variant(m, dtype, DEFAULT_ID, m.form(o), mask != 0, v["fold_bn"]), False, True)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[_id(v) for v in VARIANTS])

@@ -41,7 +41,7 @@ def kernel_variants(item):
     learn = mc.learnable(options)
     names = call_variants(case["model"], case["dtype"], dict(options, **learn), SURROGATES[case["surrogate"]](),
                           param_grads=bool(learn))
-    return [(name, item.originalname == "test_gpu_code_shape_matches_reference") for name in names]
+    return [(name, item.originalname == "test_gpu_code_shape_matches_reference", False) for name in names]
 
 
 def _inputs(mc, shape, dtype, generator, num_states):
