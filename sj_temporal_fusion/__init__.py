@@ -1,17 +1,19 @@
 """sj-temporal-fusion: fused multi-time-step neuron kernels as a SpikingJelly backend.
 
 ``import sj_temporal_fusion`` registers backend ``'temporal_fusion'`` on every SpikingJelly neuron
-class a model in ``sj_temporal_fusion.neurons.REGISTRY`` serves (IFNode, LIFNode,
-ParametricLIFNode, QIFNode, EIFNode, IzhikevichNode, KLIFNode); ``unregister()`` and
-``register()`` switch it off and on again.
+class a model in ``sj_temporal_fusion.neurons.REGISTRY`` serves, in both APIs of SpikingJelly
+0.0.0.0.14: activation_based (IFNode, LIFNode, ParametricLIFNode, QIFNode, EIFNode,
+IzhikevichNode, KLIFNode) and clock_driven (MultiStepIFNode, MultiStepLIFNode,
+MultiStepParametricLIFNode, MultiStepEIFNode); ``unregister()`` and ``register()`` switch it off
+and on again. ``set_backend(net, backend)`` switches a whole model whichever API its nodes use.
 """
 from . import ops
+from .frontends import BACKEND, Switched, register, registered, set_backend, unregister
 from .functional import lif_multi_step, neuron_multi_step
 from .optimize import optimize
-from .spikingjelly import BACKEND, register, registered, unregister
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND", "lif_multi_step", "neuron_multi_step", "ops", "optimize", "register", "registered",
-           "unregister"]
+__all__ = ["BACKEND", "Switched", "lif_multi_step", "neuron_multi_step", "ops", "optimize", "register",
+           "registered", "set_backend", "unregister"]
 
 register()

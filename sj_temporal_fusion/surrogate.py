@@ -1,13 +1,16 @@
 """SpikingJelly surrogate objects -> (integer id, two float parameters) for the kernels.
 
 The ids follow ``SG_*`` in csrc/surrogate.cuh; ``SURROGATES`` lists all 14 surrogate classes of
-SpikingJelly 0.0.0.0.14 (its cupy backend supports 8 of them).
+SpikingJelly 0.0.0.0.14's activation_based API (its cupy backend supports 8 of them). The 11 classes
+of its clock_driven API that carry the same names have the same derivatives and parameter
+attributes, so each maps to the id of its namesake (its cupy backend supports 5 of them).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from spikingjelly.activation_based import surrogate as sj_surrogate
+from spikingjelly.clock_driven import surrogate as cd_surrogate
 
 
 class SurrogateSpec(NamedTuple):
@@ -34,16 +37,21 @@ SURROGATES = (
     (sj_surrogate.LogTailedReLU, "SG_LOG_TAILED_RELU", ("alpha", None)),
 )
 NAMES = {cls: i for i, (cls, _, _) in enumerate(SURROGATES)}
+CLOCK_DRIVEN = {getattr(cd_surrogate, cls.__name__): i for i, (cls, _, _) in enumerate(SURROGATES)
+                if hasattr(cd_surrogate, cls.__name__)}
+NAMES.update(CLOCK_DRIVEN)
 DEFAULT_ID = NAMES[sj_surrogate.Sigmoid]  # SpikingJelly's default surrogate
 
 
 def spec(surrogate_function) -> SurrogateSpec:
-    """The kernel's view of ``surrogate_function`` (a SpikingJelly surrogate instance)."""
+    """The kernel's view of ``surrogate_function`` (a SpikingJelly surrogate instance of either API)."""
     if surrogate_function is None:
         surrogate_function = sj_surrogate.Sigmoid()
     cls = type(surrogate_function)
     if cls not in NAMES:
-        supported = ", ".join(c.__name__ for c, _, _ in SURROGATES)
+        clock = {c.__name__ for c in CLOCK_DRIVEN}
+        supported = ", ".join(f"{c.__name__} (activation_based{', clock_driven' if c.__name__ in clock else ''})"
+                              for c, _, _ in SURROGATES)
         raise NotImplementedError(
             f"backend 'temporal_fusion' does not know the surrogate {cls.__module__}.{cls.__qualname__}: "
             f"its derivative must be compiled into the kernel. Supported: {supported}. "

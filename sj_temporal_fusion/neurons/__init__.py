@@ -1,6 +1,6 @@
 """The neuron models the kernels know: one CUDA C header (csrc/neurons/<name>.cuh), one Python file
-(neurons/<name>.py) and one line here each. Tests, the NVRTC variant lists and the SpikingJelly
-registration iterate over REGISTRY. SpikingJelly 0.0.0.0.14's LIAFNode is not here: its
+(neurons/<name>.py) and one line here each. Tests, the NVRTC variant lists and the front ends
+(one per SpikingJelly API: ``frontends/``) iterate over REGISTRY. SpikingJelly 0.0.0.0.14's LIAFNode is not here: its
 __init__ raises AttributeError, so no LIAFNode can be built."""
 from . import eif, izhikevich, klif, lif, qif
 from .base import NeuronModel
@@ -15,9 +15,9 @@ REGISTRY: dict[str, NeuronModel] = {m.name: m for m in (
 
 
 def model_of(node) -> NeuronModel:
-    """The model serving SpikingJelly node ``node`` (the most specific class wins)."""
+    """The model serving SpikingJelly node ``node``, of either API (the most specific class wins)."""
     for cls in type(node).__mro__:
         for model in REGISTRY.values():
-            if cls in model.classes:
+            if cls in model.classes or cls in model.clock_driven:
                 return model
     raise KeyError(f"no temporal_fusion model serves {type(node).__name__}")

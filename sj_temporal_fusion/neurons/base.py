@@ -19,7 +19,7 @@ Value = Union[float, Tensor]
 class NeuronModel:
     name: str                   # csrc/neurons/<name>.cuh
     struct: str                 # the C++ struct in that header
-    classes: tuple              # SpikingJelly classes it serves (exact classes and subclasses)
+    classes: tuple              # activation_based classes it serves (exact classes and subclasses)
     states: tuple               # state variables, node attribute names; states[0] is v
     params: tuple               # parameter names, in the header's order
     defaults: dict              # the functional API's keyword defaults (SpikingJelly's)
@@ -33,6 +33,8 @@ class NeuronModel:
     charge: Callable            # reference: (z tuple, x, options) -> h
     reset: Callable             # reference: (z tuple, h, s, s_detached, options) -> new z tuple
     shardable: bool = True      # one state variable: the time-sharded node can split it
+    clock_driven: tuple = ()    # spikingjelly.clock_driven.neuron multi-step classes it serves (same
+                                # option attribute names; frontends/clock_driven.py)
     chunk: int = 16             # steps between checkpoints (CHUNK in the header)
 
     @property

@@ -2,6 +2,7 @@
 h = v + (x + v_rest - v + delta_T exp((v - theta_rh) / delta_T)) / tau."""
 import torch
 from spikingjelly.activation_based import neuron
+from spikingjelly.clock_driven import neuron as cd_neuron
 
 from .base import (NeuronModel, base_reset, common_options, common_validate, positive, reset_form_bits, scalar, v_reset_value)
 
@@ -36,4 +37,5 @@ MODEL = NeuronModel(
     node_options=node_options, validate=validate, form=reset_form_bits, forms=(0, 1, 2, 3), detach_bit=2,
     param_values=param_values,
     initial_state=lambda o: (0.0 if o["v_reset"] is None else float(o["v_reset"]),),
-    charge=charge, reset=lambda z, h, s, sd, o: base_reset(z[0], h, s, sd, o))
+    charge=charge, reset=lambda z, h, s, sd, o: base_reset(z[0], h, s, sd, o),
+    clock_driven=(cd_neuron.MultiStepEIFNode,))

@@ -1,6 +1,7 @@
 """IF, LIF and ParametricLIF: one model (csrc/neurons/lif.cuh) with SpikingJelly's charge formulas,
 selected by ``kind`` ('if' | 'lif' | 'plif') and the options."""
 from spikingjelly.activation_based import neuron
+from spikingjelly.clock_driven import neuron as cd_neuron
 
 from .base import NeuronModel, base_reset, common_options, common_validate, is_zero, positive, scalar, v_reset_value
 
@@ -9,10 +10,11 @@ HARD, DETACH = 8, 16
 
 
 def node_options(node) -> dict:
+    """A node of either API: clock_driven's classes keep activation_based's attribute names."""
     o = common_options(node)
-    if isinstance(node, neuron.LIFNode):
+    if isinstance(node, (neuron.LIFNode, cd_neuron.LIFNode)):
         o.update(kind="lif", tau=node.tau, decay_input=node.decay_input)
-    elif isinstance(node, neuron.ParametricLIFNode):
+    elif isinstance(node, (neuron.ParametricLIFNode, cd_neuron.ParametricLIFNode)):
         o.update(kind="plif", w=node.w, decay_input=node.decay_input)
     else:
         o.update(kind="if")
@@ -86,4 +88,5 @@ MODEL = NeuronModel(
     forms=tuple(c | h | d for c in range(8) for h in (0, HARD) for d in (0, DETACH)), detach_bit=DETACH,
     param_values=param_values,
     initial_state=lambda o: (0.0 if o["v_reset"] is None else float(o["v_reset"]),),
-    charge=charge, reset=lambda z, h, s, sd, o: base_reset(z[0], h, s, sd, o))
+    charge=charge, reset=lambda z, h, s, sd, o: base_reset(z[0], h, s, sd, o),
+    clock_driven=(cd_neuron.MultiStepIFNode, cd_neuron.MultiStepLIFNode, cd_neuron.MultiStepParametricLIFNode))
