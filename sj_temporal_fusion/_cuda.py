@@ -1,105 +1,17 @@
-"""GPU build: csrc/temporal.cu compiled by NVRTC through CuPy's compiler (``_sass.compile_cubin``:
-CuPy's options without its ``-ftz=true``, so fp32 subnormals round as on the host), one cubin per
-(kernel variant, architecture), cached on disk and loaded per device, launched on PyTorch's
-current stream of the tensor's device."""
+"""GPU launches: each kernel variant's cubin (built and cached by ``_nvrtc``) loaded once per
+device and launched on PyTorch's current stream of the tensor's device."""
 from __future__ import annotations
 
 import functools
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .variants import CUDA_TYPES
-
-CSRC = Path(__file__).parent / "csrc"
-BLOCK = 256
-LANES = 1
-# Resident threads per SM the kernels are bounded for (__launch_bounds__): half of the 2,048 an
-# sm_80 / sm_90 SM holds, which caps them at 64 registers at 256 threads per block.
-MIN_RESIDENT_THREADS = 1024
-
-
-def options_for(block: int, lanes: int) -> tuple:
-    """NVRTC options of a launch shape. --fmad=false: no implicit FMA contraction, so results
-    equal the host build bit for bit. -default-device: a kernel's body is a lambda (with_lanes in
-    csrc/common/lanes.cuh), which NVRTC would otherwise take for host code."""
-    return ("-std=c++17", "--fmad=false", "-default-device", f"-DTF_LANES={lanes}", f"-DTF_BLOCK={block}",
-            f"-DTF_MIN_BLOCKS={max(1, MIN_RESIDENT_THREADS // block)}", f"-I{CSRC}")
-
-
-OPTIONS = options_for(BLOCK, LANES)
-MISSING_CUPY = ("a CUDA tensor was given but CuPy is not installed, and the GPU kernels of "
-                "sj_temporal_fusion run through CuPy: pip install 'sj-temporal-fusion[cuda13]' "
-                "(CUDA 13; '[cuda12]' for CUDA 12)")
-
-
-def import_cupy():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise RuntimeError(MISSING_CUPY) from exc
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def source() -> str:
-    """Every registered model's header, then the kernels. CuPy's compile cache keys on the source
-    text, not on included headers: the digest of csrc/ is stamped in."""
-    from ._host import sources_digest
-    from .neurons import REGISTRY
-    includes = "".join(f'#include "neurons/{name}.cuh"\n' for name in REGISTRY)
-    return f"// csrc sha256 {sources_digest()}\n{includes}#include \"temporal.cu\"\n"
-
-
-def all_name_expressions() -> list[str]:
-    """The kernel variants CI compiles (NVRTC, then ptxas for sm_80 and sm_90). Forms, surrogates
-    and dtypes vary independently in the code, so each value of each is compiled, not their
-    product: per model, the forward and the fix-up in every FORM in fp32; the backward in every
-    FORM (with parameter gradients: the most registers) and with every surrogate in fp32; the time-sharding
-    backward in its first and last FORM; each kernel in its first and last FORM in fp16, bf16 and
-    fp64; the BatchNorm-folded forward and backward (with parameter gradients) in every dtype. At
-    run time a variant is compiled when first used."""
-    from .neurons import REGISTRY
-    from .surrogate import DEFAULT_ID, SURROGATES
-    from .variants import backward_variant, fixup_variant, forward_variant
-    f32, others = torch.float32, (torch.float16, torch.bfloat16, torch.float64)
-    names = []
-    for m in REGISTRY.values():
-        forward_forms = sorted({f & ~m.detach_bit for f in m.forms})
-        ends = sorted({m.forms[0], m.forms[-1]})
-        forward_ends = sorted({forward_forms[0], forward_forms[-1]})
-        names += [forward_variant(m, f32, f) for f in forward_forms]
-        names += [forward_variant(m, d, f) for d in others for f in forward_ends]
-        if m.shardable:
-            names += [fixup_variant(m, f32, f) for f in forward_forms]
-            names += [fixup_variant(m, d, f) for d in others for f in forward_ends]
-            names += [backward_variant(m, d, DEFAULT_ID, f, True, shard=True) for d in (f32, *others) for f in ends]
-        names += [backward_variant(m, f32, DEFAULT_ID, f, True) for f in m.forms]  # the most registers
-        names += [backward_variant(m, f32, DEFAULT_ID, f, False) for f in ends]
-        names += [backward_variant(m, f32, s, m.forms[0], False) for s in range(len(SURROGATES)) if s != DEFAULT_ID]
-        names += [backward_variant(m, d, DEFAULT_ID, f, g) for d in others for f in ends for g in (False, True)]
-        # BatchNorm folded (FOLD): the affine read of x in every dtype, with the most registers
-        # (parameter gradients) in the backward.
-        names += [forward_variant(m, d, forward_forms[0], True) for d in CUDA_TYPES]
-        names += [backward_variant(m, d, DEFAULT_ID, m.forms[0], True, True) for d in CUDA_TYPES]
-    return names
-
-
-def _compiled(expression: str, arch: str) -> tuple[bytes, str]:
-    """(cubin, mangled name) of one variant for sm_<arch>, compiled once and cached on disk."""
-    import cupy
-    from . import _cache, _sass
-    key = hashlib.sha256("\0".join((source(), *OPTIONS, expression, arch, cupy.__version__)).encode()).hexdigest()
-    path = _cache.root() / "cuda" / key[:24]
-    cached = _cache.read_verified(path / "kernel.cubin")
-    if cached is not None and (path / "name").exists():
-        return cached, (path / "name").read_text()
-    cubin, mapping, _ = _sass.compile_cubin(source(), OPTIONS, [expression], arch, verbose=False)
-    _cache.write_verified(path / "kernel.cubin", cubin)
-    (path / "name").write_text(mapping[expression])
-    return cubin, mapping[expression]
+from . import _nvrtc
+# The launch shape in use and the NVRTC options it is compiled with (bench tune swaps all three
+# here); source() and all_name_expressions() are _nvrtc's, named here for existing callers.
+from ._nvrtc import (BLOCK, LANES, MISSING_CUPY, OPTIONS, all_name_expressions, import_cupy,  # noqa: F401
+                     options_for, source)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +19,7 @@ def _function(expression: str, device_index: int):
     cupy = import_cupy()
     from cupy.cuda import function as cuda_function
     with cupy.cuda.Device(device_index) as device:
-        cubin, mangled = _compiled(expression, device.compute_capability)
+        cubin, mangled = _nvrtc.cubin(expression, device.compute_capability, OPTIONS)
         module = cuda_function.Module()
         module.load(cubin)
         return module, module.get_function(mangled)

@@ -1,15 +1,7 @@
-"""GPU machine code without a GPU: compile kernel variants to cubin for a given architecture
-through the same CuPy path ``cupy.RawModule`` takes at run time, and read each kernel's
-registers, spills and stack (local memory) from ptxas's report.
-
-Why this path: on a GPU, ``RawModule(code, options, name_expressions)`` reaches
-``cupy.cuda.compiler._compile_with_cache_cuda``, which adds CuPy's include directories
-(``assemble_cupy_compiler_options``), ``-ftz=true``, ``-arch=sm_XY`` (cubin: NVRTC runs its own
-ptxas, so the SASS is exactly what the device loads), ``--device-as-default-execution-space`` and
-compiles with NVRTC. The one step that needs a device is picking the architecture
-(``_get_arch_for_options_for_nvrtc`` asks the driver for the current device); here the caller names
-the architecture and CuPy's own rule for it is applied. ``--ptxas-options=-v`` only adds the
-resource report to NVRTC's log; it does not change the code.
+"""GPU machine code without a GPU: ptxas's report of the kernel variants compiled by ``_nvrtc``
+(the same compile, options and sm_XY machine code the launcher loads, plus
+``--ptxas-options=-v``, which only adds the report to NVRTC's log and does not change the code),
+read into each kernel's registers, spills and stack (local memory), and the occupancy they allow.
 
     python -m sj_temporal_fusion._sass            # markdown table of every variant, sm_80 + sm_90
 
@@ -21,10 +13,8 @@ At B = 256: <= 64 registers per thread gives >= 50% occupancy (1,024 threads).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import io
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional, Sequence
@@ -84,52 +74,6 @@ def max_registers_for(occupancy_floor: float, block: int) -> int:
     return best
 
 
-def _arch_rule(compiler):
-    def rule(arch=None):  # CuPy's rule, with the architecture given instead of read from a device
-        if not compiler._use_ptx and int(arch) <= int(compiler._get_max_compute_capability()):
-            return f"-arch=sm_{arch}", "cubin"
-        return f"-arch=compute_{arch}", "ptx"
-    return rule
-
-
-@contextlib.contextmanager
-def _architecture_without_device(compiler):
-    saved = compiler._get_arch_for_options_for_nvrtc
-    compiler._get_arch_for_options_for_nvrtc = _arch_rule(compiler)
-    try:
-        yield
-    finally:
-        compiler._get_arch_for_options_for_nvrtc = saved
-
-
-def cupy_options(options: Sequence[str]) -> tuple:
-    """The options the launcher compiles with (``_cuda``): CuPy's include directories and
-    ``options``, then ``-ftz=false``. CuPy's RawModule would append ``-ftz=true`` (flushing fp32
-    subnormals to zero, which the host build does not), so the launcher compiles through this
-    function and loads the cubin itself."""
-    from cupy._core import core
-    return tuple(core.assemble_cupy_compiler_options(tuple(options))) + ("-ftz=false",)
-
-
-def compile_cubin(source: str, options: Sequence[str], name_expressions: Sequence[str], arch: str,
-                  verbose: bool = True) -> tuple[bytes, dict, str]:
-    """(cubin, {name expression: mangled name}, NVRTC log) of ``source`` for ``sm_<arch>``,
-    compiled as ``cupy.RawModule(code=source, options=options, name_expressions=...)`` would on
-    such a device. Raises cupy.cuda.compiler.CompileException with NVRTC's log on error."""
-    from cupy.cuda import compiler
-    opts = cupy_options(options) + (("--ptxas-options=-v",) if verbose else ())
-    log = io.StringIO()
-    with _architecture_without_device(compiler):
-        method = compiler._get_arch_for_options_for_nvrtc(arch)[1]
-        if method != "cubin":
-            raise RuntimeError(f"this NVRTC ({compiler._get_nvrtc_version()}) cannot emit sm_{arch} "
-                               f"machine code (CuPy would load PTX)")
-        # cache_in_memory=True: no temporary .cu file (it only names the program).
-        cubin, mapping = compiler._compile_using_nvrtc_no_warning(
-            source, tuple(opts), arch, "lif.cu", list(name_expressions), log, True, False, None)
-    return cubin, dict(mapping or {}), log.getvalue()
-
-
 _ENTRY = re.compile(r"Compiling entry function '(?P<mangled>[^']+)' for 'sm_(?P<arch>\d+)'")
 _FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
 _REGS = re.compile(r"Used (?P<regs>\d+) registers")
@@ -158,7 +102,8 @@ def resources(source: str, options: Sequence[str], name_expressions: Sequence[st
               arch: str) -> list[KernelResources]:
     """Registers, spills and stack of every kernel in ``name_expressions`` on ``sm_<arch>``, in
     the order given."""
-    _, mapping, log = compile_cubin(source, options, name_expressions, arch)
+    from . import _nvrtc
+    _, mapping, log = _nvrtc.compile_cubin(source, options, name_expressions, arch, verbose=True)
     found = {r.name: r for r in parse_ptxas_log(log, mapping, arch)}
     missing = [n for n in name_expressions if n not in found]
     if missing:
@@ -168,14 +113,14 @@ def resources(source: str, options: Sequence[str], name_expressions: Sequence[st
 
 def package_resources(archs: Iterable[str] = ARCHS, options: Optional[Sequence[str]] = None,
                       name_expressions: Optional[Sequence[str]] = None) -> dict[str, list[KernelResources]]:
-    """``resources`` of the package's kernels (``_cuda.source()``, ``_cuda.OPTIONS``,
-    ``_cuda.all_name_expressions()``) per architecture; the architectures compile in parallel
+    """``resources`` of the package's kernels (``_nvrtc.source()``, ``_nvrtc.OPTIONS``,
+    ``_nvrtc.all_name_expressions()``) per architecture; the architectures compile in parallel
     (NVRTC releases the GIL: both archs of ~130 variants take ~2 minutes on 2 cores). Cached per
     (source, options, names, archs) for the process, so several tests share one compile."""
-    from . import _cuda
-    options = tuple(_cuda.OPTIONS if options is None else options)
-    names = tuple(_cuda.all_name_expressions() if name_expressions is None else name_expressions)
-    return _package_resources(_cuda.source(), options, names, tuple(archs))
+    from . import _nvrtc
+    options = tuple(_nvrtc.OPTIONS if options is None else options)
+    names = tuple(_nvrtc.all_name_expressions() if name_expressions is None else name_expressions)
+    return _package_resources(_nvrtc.source(), options, names, tuple(archs))
 
 
 @functools.lru_cache(maxsize=8)
@@ -227,16 +172,15 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from . import _cuda
+    from . import _nvrtc
     p = argparse.ArgumentParser(prog="python -m sj_temporal_fusion._sass", description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default=",".join(ARCHS), help="e.g. 80,90")
     args = p.parse_args(argv)
-    from cupy.cuda import nvrtc
     per_arch = package_resources(args.archs.split(","))
-    major, minor = nvrtc.getVersion()
-    print(f"NVRTC {major}.{minor} (its ptxas), options {' '.join(_cuda.OPTIONS[:-1])} + CuPy's, "
-          f"block {_cuda.BLOCK}\n", file=sys.stderr)
-    print(markdown_table(per_arch, _cuda.BLOCK))
+    major, minor = _nvrtc.nvrtc_version()
+    print(f"NVRTC {major}.{minor} (its ptxas), options {' '.join(_nvrtc.compile_options(_nvrtc.OPTIONS[:-1], '<arch>'))}, "
+          f"block {_nvrtc.BLOCK}\n", file=sys.stderr)
+    print(markdown_table(per_arch, _nvrtc.BLOCK))
     return 0
 
 

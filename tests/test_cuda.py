@@ -1,12 +1,12 @@
-"""GPU build. CI (no GPU) compiles every kernel variant through CuPy's RawModule path as _cuda.py does; the
-tests marked gpu run the kernels on a CUDA device against the host build, SpikingJelly's cupy
+"""GPU build. CI (no GPU) compiles every kernel variant as the launcher's cubins are compiled
+(``_nvrtc``: NVRTC through CuPy's bindings, straight to sm_XY machine code); the tests marked gpu run the kernels on a CUDA device against the host build, SpikingJelly's cupy
 backend and PyTorch's stream semantics (skipped, saying why, where there is no CUDA device)."""
 import pytest
 import torch
 from spikingjelly.activation_based import neuron, surrogate
 
 import sj_temporal_fusion  # noqa: F401
-from sj_temporal_fusion import _cuda, _sass, ops
+from sj_temporal_fusion import _nvrtc, _sass, ops
 from sj_temporal_fusion.compat import numpy_int_alias
 from sj_temporal_fusion.functional import lif_multi_step
 
@@ -14,14 +14,13 @@ from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
 from conftest import require_nvrtc
 
 
-def test_cupy_compile_path_compiles_every_variant():
-    """Every variant compiled as the launcher compiles it on a GPU (CuPy's compiler and include
-    options, ``--device-as-default-execution-space``, NVRTC straight to sm_XY cubin, but
-    ``-ftz=false``), for sm_80 and sm_90; only the device query that picks the architecture is
-    replaced (``_sass``). The compile is shared with tests/test_sass.py. At run time each variant
-    compiles alone, for the device's own architecture, and is cached on disk."""
+def test_nvrtc_compiles_every_variant():
+    """Every variant compiled as the launcher's cubins are (``_nvrtc.compile_cubin``: the
+    build's options, -ftz=false, NVRTC straight to sm_XY machine code), for sm_80 and sm_90; the
+    compile is shared with tests/test_sass.py. At run time each variant compiles alone, for the
+    device's own architecture, and is cached on disk."""
     require_nvrtc()
-    names = _cuda.all_name_expressions()
+    names = _nvrtc.all_name_expressions()
     assert len(names) >= 4 * 14
     per_arch = _sass.package_resources(_sass.ARCHS)
     for arch, rows in per_arch.items():
@@ -35,15 +34,14 @@ def _forward_name():
     return forward_variant(REGISTRY["lif"], torch.float32, 7 | 8)  # v * keep + x, hard reset
 
 
-def test_cupy_compile_options_and_cubin():
-    """The options are the launcher's plus CuPy's, without CuPy's -ftz=true (fp32 subnormals are
-    kept, as on the host), and the result is sm_90 machine code (ELF)."""
+def test_compile_options_and_cubin():
+    """The options are the launcher's with -ftz=false (fp32 subnormals kept, as on the host; CuPy's
+    RawModule would add -ftz=true), and the result is sm_90 machine code (ELF)."""
     require_nvrtc()
-    options = _sass.cupy_options(_cuda.OPTIONS)
-    assert set(_cuda.OPTIONS) <= set(options) and "-ftz=false" in options and "-ftz=true" not in options
-    assert any(o.startswith("-I") and "cupy" in o for o in options)
+    options = _nvrtc.compile_options(_nvrtc.OPTIONS, "90", verbose=True)
+    assert set(_nvrtc.OPTIONS) <= set(options) and "-ftz=false" in options and "-ftz=true" not in options
     name = _forward_name()
-    cubin, mapping, log = _sass.compile_cubin(_cuda.source(), _cuda.OPTIONS, [name], "90")
+    cubin, mapping, log = _nvrtc.compile_cubin(_nvrtc.source(), _nvrtc.OPTIONS, [name], "90", verbose=True)
     assert cubin[:4] == b"\x7fELF" and mapping[name].startswith("_Z") and "sm_90" in log
 
 
@@ -51,10 +49,10 @@ def test_nvrtc_build_does_not_contract_fma():
     """--fmad=false: the forward kernel's PTX has no fused multiply-add, so it rounds like g++
     with -ffp-contract=off and the two builds agree bit for bit."""
     nvrtc = require_nvrtc()
-    prog = nvrtc.createProgram(_cuda.source(), "variant.cu", [], [])
+    prog = nvrtc.createProgram(_nvrtc.source(), "variant.cu", [], [])
     name = _forward_name()
     nvrtc.addNameExpression(prog, name)
-    nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + ["--gpu-architecture=compute_90"])
+    nvrtc.compileProgram(prog, list(_nvrtc.OPTIONS) + ["--gpu-architecture=compute_90"])
     ptx = nvrtc.getPTX(prog).decode()
     assert "fma.rn.f32" not in ptx and "mad.f32" not in ptx and ".ftz" not in ptx
 

@@ -1,13 +1,14 @@
 """GPU resources checked without a GPU: every kernel variant compiled to sm_80 and sm_90 machine
-code through CuPy's RawModule path (``_sass``), with ptxas's registers, spills and stack.
+code as the launcher's cubins are compiled (``_nvrtc``), with ptxas's registers, spills and stack
+(``_sass``).
 
 Fails on any spill or stack frame (local memory), and on a register count that drops occupancy
-below 50% at ``_cuda.BLOCK`` threads per block for the fp32, fp16 and bf16 kernels (fp64 kernels
+below 50% at ``_nvrtc.BLOCK`` threads per block for the fp32, fp16 and bf16 kernels (fp64 kernels
 are exempt: fp64 is for exactness, not speed). How occupancy is computed: ``_sass.occupancy``
 (65,536 registers and 2,048 threads per SM on sm_80 / sm_90, 256-register allocation per warp)."""
 import pytest
 
-from sj_temporal_fusion import _cuda, _sass
+from sj_temporal_fusion import _nvrtc, _sass
 from conftest import require_nvrtc
 
 FAST_DTYPES = ("float", "f16_t", "bf16_t")
@@ -52,7 +53,7 @@ def per_arch():
 
 
 def test_every_variant_is_compiled_for_both_architectures(per_arch):
-    names = _cuda.all_name_expressions()
+    names = _nvrtc.all_name_expressions()
     assert set(per_arch) == {"80", "90"}
     for arch, rows in per_arch.items():
         assert [r.name for r in rows] == names
@@ -91,9 +92,9 @@ def test_parameter_gradient_variants_are_recognised():
 
 @pytest.mark.parametrize("arch", _sass.ARCHS)
 def test_registers_keep_half_occupancy(per_arch, arch):
-    limit = _sass.max_registers_for(_sass.MIN_OCCUPANCY, _cuda.BLOCK)
-    bad = [f"{r.name}: {r.registers} registers -> {_sass.occupancy(r.registers, _cuda.BLOCK):.1%}"
+    limit = _sass.max_registers_for(_sass.MIN_OCCUPANCY, _nvrtc.BLOCK)
+    bad = [f"{r.name}: {r.registers} registers -> {_sass.occupancy(r.registers, _nvrtc.BLOCK):.1%}"
            for r in per_arch[arch]
-           if _sass.dtype_of(r.name) in FAST_DTYPES and _sass.occupancy(r.registers, _cuda.BLOCK) < _floor(r.name)]
-    assert not bad, (f"sm_{arch}, block {_cuda.BLOCK}: above {limit} registers occupancy drops below "
+           if _sass.dtype_of(r.name) in FAST_DTYPES and _sass.occupancy(r.registers, _nvrtc.BLOCK) < _floor(r.name)]
+    assert not bad, (f"sm_{arch}, block {_nvrtc.BLOCK}: above {limit} registers occupancy drops below "
                      f"{_sass.MIN_OCCUPANCY:.0%}:\n" + "\n".join(bad))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sj_temporal_fusion import _cuda
+from sj_temporal_fusion import _nvrtc
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.variants import backward_variant, forward_variant
 from conftest import require_nvrtc
@@ -46,9 +46,9 @@ def sass():
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel)")
 
     def compile_(name: str, tmp=Path(__import__("tempfile").mkdtemp())) -> list[tuple[str, str]]:
-        prog = nvrtc.createProgram(_cuda.source(), "variant.cu", [], [])
+        prog = nvrtc.createProgram(_nvrtc.source(), "variant.cu", [], [])
         nvrtc.addNameExpression(prog, name)
-        nvrtc.compileProgram(prog, list(_cuda.OPTIONS) + ["--ftz=false", "--gpu-architecture=compute_90"])
+        nvrtc.compileProgram(prog, list(_nvrtc.OPTIONS) + ["--ftz=false", "--gpu-architecture=compute_90"])
         (tmp / "k.ptx").write_bytes(nvrtc.getPTX(prog).rstrip(b"\0"))
         errors = []
         for ptxas in ptxas_candidates:
