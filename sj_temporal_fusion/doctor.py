@@ -124,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
 
 def environment_checks(info: dict, gpus: list[dict]) -> list[Check]:
     """Checks that need no kernel run. ``gpus``: [{'index', 'name', 'capability': (major, minor)}]."""
-    checks = []
+    checks = [kernel_sources_check()]
     torch_major = int(info["torch_cuda"].split(".")[0]) if info["torch_cuda"] else None
     wheels = info["cupy_distributions"]
     if len(wheels) > 1:
@@ -150,6 +150,7 @@ def environment_checks(info: dict, gpus: list[dict]) -> list[Check]:
                             f"reinstall the CuPy wheel of torch's CUDA: pip install --force-reinstall "
                             f"cupy-cuda{torch_major or 13}x" + ("" if gpus else "; only GPU runs need it")))
     if info["cupy"]:
+        checks.append(cupy_compile_api_check(bool(gpus)))
         if info["nvrtc_error"]:
             checks.append(Check("NVRTC loadable", FAIL if gpus else WARN, info["nvrtc_error"],
                                 "CuPy compiles the GPU kernels with NVRTC at run time and cannot load it",
@@ -176,6 +177,44 @@ def environment_checks(info: dict, gpus: list[dict]) -> list[Check]:
         checks.append(gpu_age_check(gpu, int((info["nvrtc"] or "13").split(".")[0])))
     checks.append(spikingjelly_cupy_check())
     return checks
+
+
+def kernel_sources_check(csrc=None) -> Check:
+    """Every file the builds read (temporal.cu, each registered model's header and what they
+    #include, ``_nvrtc.kernel_sources``) is in the installed package's csrc/."""
+    from . import _nvrtc
+    where = _nvrtc.CSRC if csrc is None else csrc
+    needed, missing = _nvrtc.kernel_sources(where)
+    if not missing:
+        return Check("kernel sources", OK, f"{len(needed)} files in {where}")
+    return Check("kernel sources", FAIL, f"{len(missing)} of the {len(needed)} files missing from {where}",
+                 f"sj_temporal_fusion's kernel sources are missing from {where}: {', '.join(missing)}; the "
+                 f"package was built or installed without them, so every device fails at its first kernel build",
+                 "reinstall sj-temporal-fusion from a wheel that holds csrc/ with its subfolders (python -m zipfile "
+                 "-l <wheel> | grep csrc/ lists them) or from the checkout: pip install --force-reinstall --no-deps "
+                 "<wheel or checkout>; a released wheel without them is a packaging bug: report it")
+
+
+def cupy_compile_api_check(have_gpu: bool) -> Check:
+    """CuPy has the NVRTC bindings the GPU build compiles through (``_nvrtc.nvrtc_module``)."""
+    from . import _nvrtc
+    name = "CuPy's NVRTC bindings"
+    try:
+        _nvrtc.nvrtc_module()
+    except _nvrtc.UnsupportedCuPy as exc:
+        import cupy
+        return Check(name, FAIL if have_gpu else WARN, f"CuPy {cupy.__version__}", exc.cause,
+                     exc.fix + ("" if have_gpu else "; only GPU runs need it"))
+    except Exception as exc:  # noqa: BLE001 - CuPy absent or broken: the import check names it
+        return Check(name, SKIP, _one_line(exc))
+    import cupy
+    checked = " and ".join(_nvrtc.CHECKED_CUPY)
+    newest = max(_nvrtc._version_tuple(v) for v in _nvrtc.CHECKED_CUPY)
+    if _nvrtc._version_tuple(cupy.__version__)[0] > newest[0]:
+        return Check(name, WARN, f"CuPy {cupy.__version__} has them but is newer than the versions checked ({checked})",
+                     "a CuPy release the GPU build has not been run against",
+                     f"if the GPU kernels fail to compile or load: {_nvrtc._cupy_fix()}")
+    return Check(name, OK, f"CuPy {cupy.__version__} (checked: {checked})")
 
 
 def gpu_age_check(gpu: dict, nvrtc_major: int) -> Check:
@@ -308,7 +347,15 @@ KNOWN_ERRORS = (
 
 def explain(exc: BaseException, device: str = "cpu") -> tuple[str, str]:
     """(cause, fix) of a failed kernel run, from the error and what the doctor found."""
+    from . import _nvrtc
     text = f"{type(exc).__name__}: {exc}"
+    sources = kernel_sources_check()
+    if sources.status == FAIL:
+        return sources.cause, sources.fix
+    if isinstance(exc, _nvrtc.UnsupportedCuPy):
+        return exc.cause, exc.fix
+    if isinstance(exc, _nvrtc.NVRTCCompileError):
+        return "NVRTC rejected the kernels (its log is in the traceback)", "report it with the output of --json"
     if device == "cpu" and _compiler_version(_cxx()) is None:
         return "no C++ compiler for the host build", (
             f"CXX={_cxx()!r} does not exist: install g++ (Debian/Ubuntu: apt-get install g++) or set CXX "

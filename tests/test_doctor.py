@@ -164,3 +164,78 @@ def test_gpu_vs_host_comparison_runs_its_subnormal_case():
     _, v, _ = doctor._run(x, grad)
     tail = v[:, -doctor.DENORMAL_COLUMNS:]
     assert ((tail != 0) & (tail.abs() < torch.finfo(torch.float32).tiny)).any()
+
+
+# ---------------------------------------------------------------- kernel sources and CuPy's compile API
+
+def _csrc_copy(tmp_path, without=()):
+    import shutil
+    from sj_temporal_fusion import _nvrtc
+    csrc = tmp_path / "csrc"
+    shutil.copytree(_nvrtc.CSRC, csrc)
+    for rel in without:
+        (csrc / rel).unlink()
+    return csrc
+
+
+def test_installed_kernel_sources_are_complete():
+    from sj_temporal_fusion import _nvrtc
+    from sj_temporal_fusion.neurons import REGISTRY
+    needed, missing = _nvrtc.kernel_sources()
+    assert missing == []
+    # what the code names, not a glob: every registered model's header and the files they include
+    assert {f"neurons/{m}.cuh" for m in REGISTRY} | {"temporal.cu", "neurons/base.cuh", "common/fp.cuh",
+                                                     "common/lanes.cuh", "surrogate.cuh"} <= set(needed)
+    assert by_name(doctor.environment_checks(doctor.versions(), []))["kernel sources"].status == doctor.OK
+
+
+@pytest.mark.parametrize("lost", [
+    ("neurons/lif.cuh",),          # a model header only the registry names (no file includes it)
+    ("common/lanes.cuh",),         # included by temporal.cu
+    ("common/host_shim.h", "neurons/klif.cuh")])  # included two levels down; and a second one
+def test_missing_kernel_sources_fail_naming_them_and_the_fix(tmp_path, lost):
+    csrc = _csrc_copy(tmp_path, lost)
+    check = doctor.kernel_sources_check(csrc)
+    assert check.status == doctor.FAIL
+    assert str(csrc) in check.detail and f"{len(lost)} of the" in check.detail
+    assert f"kernel sources are missing from {csrc}: {', '.join(sorted(lost))};" in check.cause
+    assert "reinstall" in check.fix and "zipfile" in check.fix
+
+
+def test_a_failed_run_with_missing_sources_names_them_not_the_compiler(tmp_path, monkeypatch):
+    from sj_temporal_fusion import _nvrtc
+    monkeypatch.setattr(_nvrtc, "CSRC", _csrc_copy(tmp_path, ("neurons/lif.cuh",)))
+    error = RuntimeError("host build of kernel neuron_forward<LifModel, float, 0> failed: "
+                         "neurons/lif.cuh: No such file or directory")
+    cause, fix = doctor.explain(error, "cpu")
+    assert "kernel sources are missing" in cause and "neurons/lif.cuh" in cause and "reinstall" in fix
+
+
+def test_a_cupy_without_the_compile_api_is_named_not_taken_for_nvrtc(monkeypatch):
+    """A CuPy whose NVRTC bindings lack what the build calls: the check fails where a GPU needs
+    it, and a kernel run failing on it is explained as that, not as 'NVRTC cannot be loaded'."""
+    pytest.importorskip("cupy")
+    import cupy
+    from cupy.cuda import nvrtc
+
+    from sj_temporal_fusion import _nvrtc
+    assert by_name(doctor.environment_checks(doctor.versions(), []))["CuPy's NVRTC bindings"].status == doctor.OK
+    monkeypatch.setattr(cupy, "__version__", "13.1.0")
+    monkeypatch.delattr(nvrtc, "getLoweredName")
+    gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "capability": (9, 0)}
+    check = by_name(doctor.environment_checks(doctor.versions(), [gpu]))["CuPy's NVRTC bindings"]
+    assert check.status == doctor.FAIL and "13.1.0" in check.detail and "getLoweredName" in check.cause
+    assert all(v in check.cause for v in _nvrtc.CHECKED_CUPY) and check.fix.startswith("pip install 'cupy-cuda")
+    assert by_name(doctor.environment_checks(doctor.versions(), []))["CuPy's NVRTC bindings"].status == doctor.WARN
+    with pytest.raises(_nvrtc.UnsupportedCuPy) as info:
+        _nvrtc.compile_cubin("", (), ["k"], "90")
+    cause, fix = doctor.explain(info.value, "cuda:0")
+    assert "getLoweredName" in cause and "cannot load" not in cause and fix == check.fix
+
+
+def test_a_cupy_newer_than_checked_is_a_warning(monkeypatch):
+    pytest.importorskip("cupy")
+    import cupy
+    monkeypatch.setattr(cupy, "__version__", "15.0.0")
+    check = doctor.cupy_compile_api_check(have_gpu=True)
+    assert check.status == doctor.WARN and "newer than the versions checked" in check.detail
