@@ -156,11 +156,20 @@ def why_not(module, backend: str) -> Optional[str]:
             return (f"{name} subclasses {served.__name__} with its own {', '.join(changed)}: the kernels run "
                     f"{served.__name__}'s dynamics only")
         return options_problem(module)
-    try:
-        _saved[cd_neuron]["check_backend"](backend) if cd_neuron in _saved else cd_neuron.check_backend(backend)
-    except (AssertionError, NotImplementedError) as exc:
-        return f"SpikingJelly's check_backend({backend!r}) refused: {exc or type(exc).__name__}"
+    if backend == "cupy" and cd_neuron.cupy is None:
+        return f"SpikingJelly's clock_driven cupy backend is unavailable here: {_cupy_import_error()}"
     return None
+
+
+def _cupy_import_error() -> str:
+    """Why clock_driven.neuron found no CuPy: it imports CuPy and its kernel modules together, and
+    reports any failure as "CuPy is not installed" (cu_kernel_opt also needs tensorboard)."""
+    try:
+        import cupy  # noqa: F401
+        import spikingjelly.clock_driven.neuron_kernel  # noqa: F401
+    except Exception as exc:  # the import error is the message
+        return f"{type(exc).__name__}: {exc}"
+    return "its import failed when spikingjelly.clock_driven.neuron was first imported"
 
 
 def switch(module, backend: str) -> None:
