@@ -18,6 +18,8 @@ from sj_temporal_fusion import lif_multi_step, ops
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.variants import fixup_variant
 
+from conftest import require_nvrtc
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = [name for name, _, _ in stages.STAGES]
 
@@ -159,3 +161,21 @@ def test_ncu_csv_and_tag():
                                     "value": "91.5", "unit": "%"}]
     assert tag("NVIDIA H100 80GB HBM3", "0123456789abcdef", "2026-11-25") == \
         "gpu-nvidia-h100-80gb-hbm3-2026-11-25-0123456789"
+
+
+def test_prebuild_builds_the_gpu_variants_where_the_launcher_looks(monkeypatch, tmp_path):
+    """The GPU half of the prebuild, up to the device: NVRTC compiles the planned variants for
+    the device's sm_XY with the launcher's options, into the cache entry the launcher reads."""
+    require_nvrtc()
+    monkeypatch.setenv("SJ_TF_CACHE", str(tmp_path))  # empty: the entry can only come from the build
+    from experiments.gpu_validation import variants
+    from sj_temporal_fusion import _cache, _cuda, _nvrtc
+    from sj_temporal_fusion.variants import forward_variant
+    expression = forward_variant(REGISTRY["lif"], torch.float64, REGISTRY["lif"].forms[-1] & ~REGISTRY["lif"].detach_bit)
+    monkeypatch.setattr(variants, "gpu_arch", lambda: "80")
+    report = variants.build({"bench_lif": {"host": [], "gpu": [expression]}}, cuda=True)
+    assert report["gpu_variants"] == 1 and report["host_variants"] == 0 and report["gpu_seconds"] >= 0
+    entry = _cache.root() / "cuda" / _nvrtc.cache_key(expression, "80", tuple(_cuda.OPTIONS))[:24]
+    assert entry.is_relative_to(tmp_path)
+    binary, name = _nvrtc._cached(entry)
+    assert binary[:4] == b"\x7fELF" and name.startswith("_Z")

@@ -113,8 +113,7 @@ def stage_prebuild(ctx: Context) -> Stage:
         return stage
     stage.files += [VARIANTS_FILE, "prebuild.json"]
     stage.note(f"{report['host_variants']} host and {report['gpu_variants']} GPU variants, found in "
-               f"{report['plan_seconds']:.0f} s, built in {report['build_seconds']:.1f} s"
-               + (f" ({report['gpu_build']})" if report.get("gpu_build") else ""))
+               f"{report['plan_seconds']:.0f} s, built in {report['build_seconds']:.1f} s")
     return stage
 
 
