@@ -14,6 +14,7 @@ from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
 from conftest import require_nvrtc
 
 
+@pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
 def test_nvrtc_compiles_every_variant():
     """Every variant compiled as the launcher's cubins are (``_nvrtc.compile_cubin``: the
     build's options, -ftz=false, NVRTC straight to sm_XY machine code), for sm_80 and sm_90; the

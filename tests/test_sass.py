@@ -52,6 +52,7 @@ def per_arch():
     return _sass.package_resources(_sass.ARCHS)
 
 
+@pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
 def test_every_variant_is_compiled_for_both_architectures(per_arch):
     names = _nvrtc.all_name_expressions()
     assert set(per_arch) == {"80", "90"}
@@ -68,6 +69,7 @@ def _uses_local_memory(r) -> bool:
     return spills or (r.stack_bytes > 0 and (_sass.dtype_of(r.name) in FAST_DTYPES or r.stack_bytes > 8))
 
 
+@pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
 @pytest.mark.parametrize("arch", _sass.ARCHS)
 def test_no_spills_or_local_memory(per_arch, arch):
     bad = [f"{r.name}: {r.stack_bytes} B stack, {r.spill_store_bytes} B spill stores, "
@@ -90,6 +92,7 @@ def test_parameter_gradient_variants_are_recognised():
     assert not _sass.param_grads_of("neuron_forward<LifModel, float, 5>")
 
 
+@pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
 @pytest.mark.parametrize("arch", _sass.ARCHS)
 def test_registers_keep_half_occupancy(per_arch, arch):
     limit = _sass.max_registers_for(_sass.MIN_OCCUPANCY, _nvrtc.BLOCK)
