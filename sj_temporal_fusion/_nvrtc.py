@@ -270,13 +270,14 @@ def cubin(expression: str, arch, options: Optional[Sequence[str]] = None) -> tup
 def prebuild(expressions: Iterable[str], arch, jobs: Optional[int] = None,
              options: Optional[Sequence[str]] = None) -> float:
     """Compile and cache every variant in ``expressions`` for sm_<arch> in ``jobs`` threads
-    (default: one per CPU; NVRTC releases the GIL), so later launches load them from the cache.
-    Returns the wall time in seconds."""
+    (default: one per CPU this process may use; NVRTC releases the GIL), so later launches load
+    them from the cache. Returns the wall time in seconds."""
     started = time.perf_counter()
     names = list(dict.fromkeys(expressions))
     if names:
         nvrtc_module()  # an unsupported CuPy fails once, not once per thread
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs or os.cpu_count() or 1, len(names)))) as pool:
+        jobs = jobs or len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(names)))) as pool:
             for _ in pool.map(lambda name: cubin(name, arch, options), names):
                 pass
     return time.perf_counter() - started
