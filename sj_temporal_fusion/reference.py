@@ -1,10 +1,9 @@
 """Pure-PyTorch neurons: the test oracle. Step by step, autograd through every
 op, in whatever dtype it is given (fp64 for an oracle). The charge formulas are SpikingJelly
-0.0.0.0.14's; the surrogate derivatives are written out here from its documentation, apart from
-both SpikingJelly's code and the kernels."""
+0.0.0.0.14's; the surrogate derivatives are the surrogate table's (``surrogate.SURROGATES``), written
+out from its documentation apart from both SpikingJelly's code and the kernels."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -15,44 +14,11 @@ from .neurons import REGISTRY
 
 
 def surrogate_grad(sg_id: int, x: Tensor, a: float, b: float) -> Tensor:
-    """g'(x) of surrogate ``sg_id`` (ids of ``surrogate.SURROGATES``)."""
-    ax = x.abs()
-    one = torch.ones_like(x)
-    if sg_id == 0:  # PiecewiseQuadratic
-        return torch.where(ax > 1 / a, torch.zeros_like(x), -(a * a) * ax + a)
-    if sg_id == 1:  # PiecewiseExp
-        return a / 2 * torch.exp(-a * ax)
-    if sg_id == 2:  # Sigmoid
-        s = torch.sigmoid(a * x)
-        return a * s * (1 - s)
-    if sg_id == 3:  # SoftSign
-        return 1 / (2 * a * (1 / a + ax) ** 2)
-    if sg_id == 4:  # ATan
-        return a / 2 / (1 + (math.pi / 2 * a * x) ** 2)
-    if sg_id == 5:  # NonzeroSignLogAbs
-        return 1 / (1 / a + ax)
-    if sg_id == 6:  # Erf
-        return torch.exp(-(a * x) ** 2) * a / math.sqrt(math.pi)
-    if sg_id == 7:  # PiecewiseLeakyReLU(w=a, c=b)
-        return torch.where(ax < a, one / a, one * b)
-    if sg_id == 8:  # SquarewaveFourierSeries(n=a, T_period=b)
-        w = 2 * math.pi / b
-        g = torch.zeros_like(x)
-        for i in range(1, int(a)):
-            g = g + torch.cos((2 * i - 1) * w * x)
-        return g * (4 / b)
-    if sg_id == 9:  # S2NN(alpha=a, beta=b)
-        s = torch.sigmoid(a * x)
-        return torch.where(x < 0, a * s * (1 - s), b / (x + 1))
-    if sg_id == 10:  # QPseudoSpike
-        return (1 + 2 / (a - 1) * ax) ** (-a)
-    if sg_id == 11:  # LeakyKReLU(leak=a, k=b)
-        return torch.where(x >= 0, one * b, one * a)
-    if sg_id == 12:  # FakeNumericalGradient
-        return torch.clamp_max(torch.where(x >= 0, one, -one) / x, a)
-    if sg_id == 13:  # LogTailedReLU
-        return torch.where(x > 1, 1 / x, torch.where(x <= 0, one * a, one))
-    raise ValueError(f"unknown surrogate id {sg_id}")
+    """g'(x) of surrogate ``sg_id``: the reference derivative of its entry in ``surrogate.SURROGATES``."""
+    if not 0 <= sg_id < len(surrogate_specs.SURROGATES):
+        raise ValueError(f"sg_id={sg_id} is no surrogate id: ids are 0 to {len(surrogate_specs.SURROGATES) - 1} "
+                         f"(sj_temporal_fusion.surrogate.SURROGATES); get one from surrogate.spec(...)")
+    return surrogate_specs.SURROGATES[sg_id].derivative(x, a, b)
 
 
 class _Spike(torch.autograd.Function):

@@ -9,12 +9,13 @@ from allpairspy import AllPairs
 from spikingjelly.activation_based import functional, neuron, surrogate as S
 from spikingjelly.activation_based.model import spiking_resnet
 
-# Every SpikingJelly 0.0.0.0.14 surrogate, with non-default parameters so a parameter that is
-# dropped or swapped on the way to the kernel changes the gradient.
+# A constructor per entry of the surrogate table (sj_temporal_fusion.surrogate.SURROGATES, every
+# SpikingJelly 0.0.0.0.14 surrogate), with non-default parameters so a parameter that is dropped
+# or swapped on the way to the kernel changes the gradient (tests/test_reference.py checks both).
 SURROGATES = {
     "PiecewiseQuadratic": lambda: S.PiecewiseQuadratic(alpha=1.5),
     "PiecewiseExp": lambda: S.PiecewiseExp(alpha=2.5),
-    "Sigmoid": lambda: S.Sigmoid(alpha=4.0),
+    "Sigmoid": lambda: S.Sigmoid(alpha=3.5),
     "SoftSign": lambda: S.SoftSign(alpha=3.0),
     "ATan": lambda: S.ATan(alpha=2.5),
     "NonzeroSignLogAbs": lambda: S.NonzeroSignLogAbs(alpha=1.5),

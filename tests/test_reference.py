@@ -1,5 +1,7 @@
 """The oracle checked against SpikingJelly itself: its surrogate derivatives equal SpikingJelly's
 autograd for every surrogate, and the kernels' surrogate table agrees with it element-wise."""
+import re
+
 import pytest
 import torch
 
@@ -51,12 +53,62 @@ def test_every_spikingjelly_surrogate_is_supported():
     from spikingjelly.activation_based import surrogate as S
     classes = {c for c in vars(S).values() if isinstance(c, type) and issubclass(c, torch.nn.Module)
                and c not in (S.SurrogateFunctionBase, S.MultiArgsSurrogateFunctionBase)}
-    assert classes == {cls for cls, _, _ in specs.SURROGATES}
+    assert classes == {getattr(S, s.cls) for s in specs.SURROGATES}
     assert len(classes) == 14
 
 
-def test_surrogate_ids_match_the_kernel_header():
+def test_table_ids_are_positions():
+    # spec() and the oracle index the table by id
+    assert [s.id for s in specs.SURROGATES] == list(range(len(specs.SURROGATES)))
+    assert len({s.name for s in specs.SURROGATES}) == len({s.cls for s in specs.SURROGATES}) == len(specs.SURROGATES)
+
+
+def kernel_header_surrogates(text: str) -> tuple[dict, set]:
+    """({NAME: id} of the SG_* defines, {NAME} of the switch's cases) in surrogate.cuh's text."""
+    defines = {name: int(value) for name, value in re.findall(r"^#define SG_(\w+) (\d+)\s*$", text, re.M)}
+    cases = set(re.findall(r"\bcase SG_(\w+)\s*:", text))
+    return defines, cases
+
+
+def check_kernel_header(text: str) -> list[str]:
+    """What surrogate.cuh's text gets wrong about the surrogate table (empty: nothing)."""
+    defines, cases = kernel_header_surrogates(text)
+    table = {s.name.upper(): s.id for s in specs.SURROGATES}
+    problems = [f"SG_{n} is {defines.get(n)} in the header, {i} in the table" for n, i in table.items()
+                if defines.get(n) != i]
+    problems += [f"SG_{n} = {i} in the header has no table entry" for n, i in defines.items() if n not in table]
+    problems += [f"SG_{n} has no case in surrogate_grad's switch" for n in table if n not in cases]
+    problems += [f"case SG_{n} has no table entry" for n in cases - set(table)]
+    return problems
+
+
+def test_kernel_header_agrees_with_the_table():
     from pathlib import Path
     header = (Path(specs.__file__).parent / "csrc" / "surrogate.cuh").read_text()
-    for index, (_, c_name, _) in enumerate(specs.SURROGATES):
-        assert f"#define {c_name} {index}\n" in header
+    assert check_kernel_header(header) == []
+
+
+def test_header_check_can_fail():
+    from pathlib import Path
+    header = (Path(specs.__file__).parent / "csrc" / "surrogate.cuh").read_text()
+    assert check_kernel_header(header.replace("#define SG_ATAN 4", "#define SG_ATAN 5")) == [
+        "SG_ATAN is 5 in the header, 4 in the table"]
+    assert check_kernel_header(header.replace("case SG_ERF:", "case 6:")) == ["SG_ERF has no case in surrogate_grad's switch"]
+    extra = header.replace("#define SG_ERF 6", "#define SG_ERF 6\n#define SG_NEW 14")
+    assert check_kernel_header(extra) == ["SG_NEW = 14 in the header has no table entry"]
+
+
+def test_every_table_entry_has_a_test_constructor():
+    """tests/_grid.py builds each table entry's class with parameters other than its defaults, so a
+    parameter dropped or swapped on the way to the kernel changes the gradient."""
+    assert set(SURROGATES) == {s.cls for s in specs.SURROGATES}
+    for s in specs.SURROGATES:
+        built, default = SURROGATES[s.cls](), type(SURROGATES[s.cls]())()
+        assert type(built).__name__ == s.cls
+        for attribute in filter(None, s.params):
+            assert getattr(built, attribute) != getattr(default, attribute), f"{s.cls}.{attribute} is its default"
+
+
+def test_unknown_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="sg_id=14 is no surrogate id"):
+        surrogate_grad(14, X, 1.0, 0.0)

@@ -1,5 +1,6 @@
 // The 14 surrogate derivatives of SpikingJelly 0.0.0.0.14, on scalars, for every neuron model.
-// Ids follow sj_temporal_fusion.surrogate.SURROGATES (same order).
+// Each SG_<NAME> is an entry (id, name) of the table in sj_temporal_fusion/surrogate.py, and each
+// has its case below (tests/test_reference.py checks both).
 #pragma once
 #include "common/fp.cuh"
 
@@ -17,7 +18,6 @@
 #define SG_LEAKY_K_RELU 11
 #define SG_FAKE_NUMERICAL_GRADIENT 12
 #define SG_LOG_TAILED_RELU 13
-#define SG_COUNT 14
 
 // The surrogate derivative g'(x), x = h - v_threshold, as SpikingJelly 0.0.0.0.14 defines it.
 template <int SG, typename acc_t>
