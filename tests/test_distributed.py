@@ -150,6 +150,7 @@ def parity_variants_built(tmp_path_factory):
     _host.prebuild(dict.fromkeys(name for r in sorted(planned) for name in planned[r]))
 
 
+@pytest.mark.slow  # ~300 host variants and three process groups
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_forward_and_backward_match_one_process(k, tmp_path, parity_variants_built):
     cases = parity_cases(k)
