@@ -6,7 +6,12 @@ class a model in ``sj_temporal_fusion.neurons.REGISTRY`` serves, in both APIs of
 IzhikevichNode, KLIFNode) and clock_driven (MultiStepIFNode, MultiStepLIFNode,
 MultiStepParametricLIFNode, MultiStepEIFNode); ``unregister()`` and ``register()`` switch it off
 and on again. ``set_backend(net, backend)`` switches a whole model whichever API its nodes use.
+Under SpikingJelly 2.x (no backends, no clock_driven) nothing changes at import: its IFNode ...
+KLIFNode switch with ``set_backend(net, 'temporal_fusion')`` and back with
+``set_backend(net, 'spikingjelly')``. Any other SpikingJelly version is an ImportError naming the
+supported ones (``versions``).
 """
+from . import versions  # first: an unsupported SpikingJelly fails here, with the supported versions named
 from . import ops
 from .frontends import BACKEND, Switched, register, registered, set_backend, unregister
 from .functional import lif_multi_step, neuron_multi_step

@@ -19,7 +19,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from spikingjelly.activation_based import surrogate as sj_surrogate
-from spikingjelly.clock_driven import surrogate as cd_surrogate
+from . import versions
+
+cd_surrogate = versions.clock_driven("surrogate")  # a stand-in matching nothing under SpikingJelly 2.x
 
 
 class Surrogate(NamedTuple):

@@ -1,6 +1,8 @@
 """One front end per SpikingJelly API, each mapping its neuron classes onto the model registry and
 ``functional.neuron_multi_step`` and owning nothing else: ``activation_based`` and
-``clock_driven`` (SpikingJelly 0.0.0.0.14). ``register`` / ``unregister`` act on all of them;
+``clock_driven`` (SpikingJelly 0.0.0.0.14), ``spikingjelly2`` (SpikingJelly 2.x). Only the
+installed generation's front ends are loaded (``sj_temporal_fusion.versions`` decides).
+``register`` / ``unregister`` act on all of them;
 ``set_backend(net, backend)`` switches every neuron of a model whichever API it comes from, and
 says which did not switch and why."""
 from __future__ import annotations
@@ -8,10 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import activation_based, clock_driven
-from .common import BACKEND, BACKENDS
+from .. import versions
+from .common import BACKEND
 
-FRONTENDS = (activation_based, clock_driven)
+if versions.GENERATION == 1:
+    # These import SpikingJelly 0.0.0.0.14's backend machinery and clock_driven, gone in 2.x.
+    from . import activation_based, clock_driven
+    from .common import BACKENDS
+    FRONTENDS = (activation_based, clock_driven)
+else:
+    from . import spikingjelly2
+    from .spikingjelly2 import BACKENDS
+    FRONTENDS = (spikingjelly2,)
 log = logging.getLogger("sj_temporal_fusion")
 
 
@@ -48,13 +58,16 @@ class Switched:
 
 def set_backend(net, backend: str) -> Switched:
     """Set every SpikingJelly neuron in ``net`` (activation_based and clock_driven nodes alike) that
-    can run ``backend`` ('temporal_fusion', 'torch' or 'cupy') to it, leaving the others as they
+    can run ``backend`` ('temporal_fusion', 'torch' or 'cupy'; under SpikingJelly 2.x, which has no
+    backends, 'temporal_fusion' or 'spikingjelly', its own path) to it, leaving the others as they
     are. Returns (and logs at INFO on the 'sj_temporal_fusion' logger) which nodes switched and,
     for each that did not, why: a class no model serves, a subclass with its own dynamics, a
     single-step clock_driven node (no backend there), a per-channel threshold, a custom surrogate."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}; for another backend use "
-                         f"SpikingJelly's own functional.set_backend")
+        other = ("for another backend use SpikingJelly's own functional.set_backend" if versions.GENERATION == 1
+                 else f"SpikingJelly {versions.VERSION} has no backends: '{BACKEND}' switches a node to the "
+                      f"fused kernels, 'spikingjelly' back to SpikingJelly's own path")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}; {other}")
     result = Switched(backend)
     for name, module in net.named_modules():
         frontend = next((f for f in FRONTENDS if f.owns(module)), None)
@@ -71,4 +84,4 @@ def set_backend(net, backend: str) -> Switched:
     return result
 
 
-__all__ = ["BACKEND", "FRONTENDS", "Switched", "register", "registered", "set_backend", "unregister"]
+__all__ = ["BACKEND", "BACKENDS", "FRONTENDS", "Switched", "register", "registered", "set_backend", "unregister"]

@@ -1,9 +1,10 @@
 """IF, LIF and ParametricLIF: one model (csrc/neurons/lif.cuh) with SpikingJelly's charge formulas,
 selected by ``kind`` ('if' | 'lif' | 'plif') and the options."""
 from spikingjelly.activation_based import neuron
-from spikingjelly.clock_driven import neuron as cd_neuron
-
+from .. import versions
 from .base import NeuronModel, base_reset, common_options, common_validate, is_zero, positive, scalar, v_reset_value
+
+cd_neuron = versions.clock_driven("neuron")  # a stand-in matching nothing under SpikingJelly 2.x
 
 H_IF, H_DIV_DECAY0, H_MUL_DECAY0, H_KEEP = 0, 1, 4, 7  # LIF_H_* in lif.cuh
 HARD, DETACH = 8, 16
