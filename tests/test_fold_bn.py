@@ -320,3 +320,181 @@ def test_state_dict_round_trip_copy_pickle_and_undo():
     plain.eval()
     fold.eval()
     assert torch.equal(fold(x), plain(x))
+
+
+# ---------------------------------------------------------------- clock_driven, pairs named
+
+def _spikformer(dtype):
+    """tests/_sj_nets.py's Spikformer on the temporal_fusion backend: its BatchNorms run in forward
+    code (Spikformer's BatchNorm1d between two transposes), so the pairs are named."""
+    from _sj_nets import Spikformer
+    torch.manual_seed(0)
+    net = Spikformer("temporal_fusion").to(dtype)
+    return net
+
+
+def _cd_run(net, x, label, train):
+    from spikingjelly.clock_driven import functional as cd_functional
+    cd_functional.reset_net(net)
+    net.zero_grad(set_to_none=True)
+    net.train(train)
+    with torch.set_grad_enabled(train):
+        out = net(x)
+        loss = torch.nn.functional.cross_entropy(out, label)
+    if train:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return out.detach(), loss.detach(), grads, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_spikformer_with_named_pairs_equals_unfolded(dtype):
+    from _sj_nets import batches
+    from sj_temporal_fusion.bench import spikformer
+    plain = _spikformer(dtype)
+    assert fold_pairs(plain) == []  # nothing to find: the BatchNorms are called in forward code
+    fold = copy.deepcopy(plain)
+    pairs = spikformer.fold_pairs(fold)
+    assert len(pairs) == 9  # 2 patch stages + rpe, q k v proj, fc1 fc2; the attention LIF has no BatchNorm
+    sj_temporal_fusion.optimize(fold, spike_bits=False, fold_bn=pairs)
+    assert sorted(n for n, _ in folded(fold)) == sorted(n for n, m in fold.named_modules()
+                                                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    tol = TOL[dtype]
+    expressions, original = [], _host.launch
+
+    def spy(expression, *args, **kwargs):
+        expressions.append(expression)
+        return original(expression, *args, **kwargs)
+    # Consecutive batches of different sizes in training (running statistics move), then eval;
+    # the last eval runs a pickled copy, whose named pairs must survive.
+    data = batches(count=3) + batches(count=2, seed=2)
+    for step, ((x, label), train) in enumerate(zip(data, (True, True, True, False, False))):
+        x = x.to(dtype)
+        a = _cd_run(plain, x, label, train)
+        net = pickle.loads(pickle.dumps(fold)) if step == 4 else fold
+        _host.launch = spy
+        try:
+            b = _cd_run(net, x, label, train)
+        finally:
+            _host.launch = original
+        (out_a, loss_a, grads_a, state_a), (out_b, loss_b, grads_b, state_b) = a, b
+        assert _close(out_a, out_b, tol["out"]) and _close(loss_a, loss_b, tol["out"]), step
+        assert grads_a.keys() == grads_b.keys() and bool(grads_a) == train
+        bad = _grads_differ(grads_a, grads_b, tol["grad"], tol["floor"])
+        assert not bad, f"gradients differ beyond {tol['grad']}: {bad}"
+        for k in state_a:
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(state_a[k], state_b[k]), k
+            else:
+                assert _close(state_a[k], state_b[k], tol["stats"]), k
+    fold_forwards = [e for e in expressions if e.startswith("neuron_forward") and e.endswith(", true>")]
+    fold_backwards = [e for e in expressions if e.startswith("neuron_backward") and e.endswith(", true>")]
+    assert len(fold_forwards) == 5 * len(pairs) and len(fold_backwards) == 3 * len(pairs)
+
+
+def test_named_pairs_are_checked():
+    from spikingjelly.clock_driven import neuron as cd_neuron
+    net = _spikformer(torch.float32)
+    attn = net.blocks[0].attn
+
+    class MyBN(torch.nn.BatchNorm1d):
+        pass
+
+    class OwnCharge(cd_neuron.MultiStepLIFNode):
+        def neuronal_charge(self, x):
+            self.v = self.v + x
+
+    stranger = torch.nn.BatchNorm1d(16)
+    net.extra_bn, net.own = MyBN(16), OwnCharge()
+    net.twice = torch.nn.Sequential(attn.q_bn)  # q_bn now occurs twice in net
+    cases = [((attn.q_lif, attn.q_bn), "first module must be a BatchNorm"),
+             ((net.extra_bn, attn.q_lif), "exact"),
+             ((attn.k_bn, attn.k_linear), "second module must be a neuron"),
+             ((attn.k_bn, net.own), "own dynamics"),
+             ((stranger, attn.k_lif), "not a module of net"),
+             ((attn.q_bn, attn.q_lif), "more than once")]
+    for pair, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sj_temporal_fusion.optimize(net, spike_bits=False, fold_bn=[pair])
+    with pytest.raises(ValueError, match="earlier pair"):
+        sj_temporal_fusion.optimize(net, spike_bits=False, fold_bn=[(attn.k_bn, attn.k_lif), (attn.v_bn, attn.k_lif)])
+    with pytest.raises(ValueError, match="list of"):
+        sj_temporal_fusion.optimize(net, spike_bits=False, fold_bn=attn.k_bn)
+    assert optimized(net) == {"spike_bits": False, "fold_bn": False}  # a refused call changes nothing
+
+
+def test_named_pair_whose_neuron_gets_another_tensor_raises():
+    # The caller's assertion is wrong here: k_lif receives k's BatchNorm output, not q's. The
+    # neuron sees memory other than its BatchNorm's input and refuses instead of folding.
+    from spikingjelly.clock_driven import functional as cd_functional
+    net = _spikformer(torch.float32)
+    attn = net.blocks[0].attn
+    sj_temporal_fusion.optimize(net, spike_bits=False, fold_bn=[(attn.q_bn, attn.k_lif)])
+    with pytest.raises(RuntimeError, match="did not receive its folded BatchNorm's output unchanged.*leave this pair"):
+        net(torch.rand(2, 2, 3, 16, 16))
+    # An in-place write between the two: same memory, newer version.
+    bn, node = torch.nn.BatchNorm1d(4), _cd_lif()
+    seq = torch.nn.Sequential(_Transposed(bn, in_place=True), node)
+    sj_temporal_fusion.optimize(seq, spike_bits=False, fold_bn=[(bn, node)])
+    cd_functional.reset_net(seq)
+    with pytest.raises(RuntimeError, match="unchanged"):
+        seq(torch.rand(3, 2, 5, 4))
+
+
+def _cd_lif():
+    from spikingjelly.clock_driven import neuron as cd_neuron
+    return cd_neuron.MultiStepLIFNode(tau=2.0, detach_reset=True, backend="temporal_fusion")
+
+
+class _Transposed(torch.nn.Module):
+    """(T, B, N, D) -> BatchNorm1d over D on the (T * B, D, N) transpose -> (T, B, N, D)."""
+
+    def __init__(self, bn, in_place=False):
+        super().__init__()
+        self.bn, self.in_place = bn, in_place
+
+    def forward(self, x):
+        t, b, n, d = x.shape
+        y = self.bn(x.flatten(0, 1).transpose(-1, -2)).transpose(-1, -2)
+        if self.in_place:
+            y.mul_(1.0)
+        return y.reshape(t, b, n, d)
+
+
+def test_transposed_batch_norm_reads_channels_from_strides():
+    # The layout alone (no Linear): the folded neuron equals BatchNorm1d-then-neuron in fp64, and
+    # a channel-dependent affine shows that channels are D, not N (N != D).
+    from spikingjelly.clock_driven import functional as cd_functional
+    torch.manual_seed(3)
+    bn = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2.0, 5))
+        bn.bias.copy_(torch.linspace(-0.5, 0.5, 5))
+    plain = torch.nn.Sequential(_Transposed(bn), _cd_lif()).double()
+    fold = copy.deepcopy(plain)
+    sj_temporal_fusion.optimize(fold, spike_bits=False, fold_bn=[(fold[0].bn, fold[1])])
+    x = (torch.rand(4, 3, 7, 5, dtype=torch.float64) * 2).requires_grad_()
+    outs = []
+    for net in (plain, fold):
+        cd_functional.reset_net(net)
+        xi = x.detach().clone().requires_grad_()
+        v = net[1]
+        spikes = net(xi)
+        (spikes.sum() + v.v_seq.sum()).backward()
+        outs.append((spikes, v.v_seq.detach(), xi.grad, net[0].bn.weight.grad, net[0].bn.running_var.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_clock_driven_seq_to_ann_container_pair_is_found():
+    from spikingjelly.clock_driven import functional as cd_functional, layer as cd_layer
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(cd_layer.SeqToANNContainer(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+                                _cd_lif()).double()
+    fold = sj_temporal_fusion.optimize(copy.deepcopy(plain), spike_bits=False, fold_bn=True)
+    assert folded(fold) == [("0.1", "1")]
+    x = torch.rand(3, 2, 3, 8, 8, dtype=torch.float64)
+    for net in (plain, fold):
+        cd_functional.reset_net(net)
+    torch.testing.assert_close(fold(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(fold[1].v_seq, plain[1].v_seq, rtol=1e-12, atol=1e-12)

@@ -190,3 +190,36 @@ def test_package_names_as_documented():
     net = sj_temporal_fusion.optimize(small_vgg(), fold_bn=True)
     bns = [i for i, m in enumerate(net) if isinstance(m, layer.BatchNorm2d)]  # each followed by its LIF
     assert len(bns) == 3 and sj_temporal_fusion.optimize.folded(net) == [(str(i), str(i + 1)) for i in bns]
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["spike_bits", "spike_bits+fold_bn"])
+def test_clock_driven_spikformer_gradients_bit_for_bit(fold):
+    """Spike bits on clock_driven nodes (tests/_sj_nets.py's Spikformer): the neurons' hooks tag
+    their spikes; ``x.flatten(0, 1)`` into a Linear and max pooling keep them views, so they are
+    saved as bits. q, k and v pass through reshape -> permute -> .contiguous(), a copy, so
+    ``q @ k^T`` and ``@ v`` save untagged full tensors (kept: not known to be spikes)."""
+    from spikingjelly.clock_driven import functional as cd_functional
+    from _sj_nets import Spikformer, batches
+    from sj_temporal_fusion.bench import spikformer
+    torch.manual_seed(0)
+    net = Spikformer("temporal_fusion")
+    results = []
+    for bits in (False, True):
+        # With fold_bn the folded neurons' spikes must be tagged too.
+        sj_temporal_fusion.optimize(net, spike_bits=bits, fold_bn=spikformer.fold_pairs(net) if fold else False)
+        for x, label in batches(count=2):  # consecutive batches, reset between
+            cd_functional.reset_net(net)
+            net.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(x), label)
+            loss.backward()
+            results.append((bits, loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+            if bits:
+                counts = spike_bits.last_counts()
+                # Packed: the pooled spikes into the second conv and the rpe conv, the attention
+                # LIF's and fc1's spikes into their Linears; q, k, v copies and sums are kept.
+                assert counts["packed"] >= 4 and counts["kept"] > 0, counts
+    plain, packed = results[:2], results[2:]
+    for (_, loss_a, grads_a), (_, loss_b, grads_b) in zip(plain, packed):
+        assert bitwise_equal(loss_a, loss_b)
+        different = [n for n in grads_a if not bitwise_equal(grads_a[n], grads_b[n])]
+        assert not different, different

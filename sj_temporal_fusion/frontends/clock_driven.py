@@ -38,16 +38,17 @@ def fusable(node) -> bool:
     return served is not None and not own_dynamics(node, served)
 
 
-def fused_forward(node, x_seq):
+def fused_forward(node, x_seq, fold_bn=None):
     """The node's forward over x_seq (T, N, *) in one kernel; v_seq and v kept as SpikingJelly's
-    multi-step classes keep them."""
+    multi-step classes keep them. ``fold_bn``: a BatchNorm folded into the read of x_seq
+    (``functional.neuron_multi_step``), as ``optimize(net, fold_bn=...)`` passes it."""
     if not hasattr(x_seq, "dim") or x_seq.dim() < 2:
         raise ValueError(
             f"{type(node).__name__} takes x_seq of shape (T, N, *), got "
             f"{tuple(x_seq.shape) if hasattr(x_seq, 'shape') else type(x_seq).__name__}: the first dimension "
             f"is time")
     spike_seq, final, v_seq = neuron_multi_step(x_seq, node_state(node, x_seq[0]), store_v_seq=True,
-                                                **node_options(node))
+                                                fold_bn=fold_bn, **node_options(node))
     set_state(node, final)
     node.v_seq = v_seq
     return spike_seq

@@ -2,14 +2,16 @@
 
     net = sj_temporal_fusion.optimize(net)                # spike_bits=True
     net = sj_temporal_fusion.optimize(net, fold_bn=True)  # and BatchNorm folded into the neurons
+    net = sj_temporal_fusion.optimize(net, fold_bn=[(bn, lif), ...])  # the pairs named
     sj_temporal_fusion.optimize(net, spike_bits=False)      # back to plain
     sj_temporal_fusion.optimize.folded(net)               # the folded (BatchNorm, neuron) names
 
 One module per option: ``spike_bits.py`` (spikes that a later layer saves for its backward kept
 as 1 bit per element and restored exactly: gradients bit for bit those without it; forward hooks
-on ``net``, its SpikingJelly neurons and its max-pooling layers) and ``fold_bn.py`` (BatchNorm
-folded into the neuron kernel where its output provably goes to one of our neurons and nowhere
-else: an instance-level ``forward`` on each folded BatchNorm and on its neuron). Parameters,
+on ``net``, its SpikingJelly neurons of either API and its max-pooling layers) and ``fold_bn.py``
+(BatchNorm folded into the neuron kernel where its output provably goes to one of our neurons
+and nowhere else, or for the pairs the caller names: an instance-level ``forward`` on each folded
+BatchNorm and on its neuron). Parameters,
 buffers, ``state_dict`` keys and values, the step mode and the backends are untouched, so
 checkpoints load with and without it, and the hooks and forwards deep-copy and pickle with the
 model.
@@ -33,26 +35,28 @@ from .fold_bn import fold_pairs, folded
 __all__ = ["fold_pairs", "folded", "optimize", "optimized"]
 
 
-def _neuron_classes() -> tuple:
-    from ..spikingjelly import NODES
-    return NODES
-
-
-def optimize(net: torch.nn.Module, spike_bits: bool = True, fold_bn: bool = False) -> torch.nn.Module:
-    """Switch whole-network options on ``net`` (a SpikingJelly model whose neurons run backend
-    'temporal_fusion'); returns ``net`` itself. Calling it again replaces the earlier options;
-    ``optimize(net, spike_bits=False)`` removes everything it added. See the package docstring."""
+def optimize(net: torch.nn.Module, spike_bits: bool = True, fold_bn=False) -> torch.nn.Module:
+    """Switch whole-network options on ``net`` (a SpikingJelly model, either API, whose neurons
+    run backend 'temporal_fusion'); returns ``net`` itself. ``fold_bn``: False, True (the pairs
+    ``fold_pairs(net)`` finds) or a list of (BatchNorm, neuron) module pairs of ``net`` whose
+    BatchNorm output the caller asserts goes to that neuron only (models that apply BatchNorms in
+    forward code, such as Spikformer's; checked as ``fold_bn.check_pairs`` says). Calling it
+    again replaces the earlier options; ``optimize(net, spike_bits=False)`` removes everything it
+    added. See the package docstring."""
+    pairs = None if isinstance(fold_bn, bool) else _fold_bn.check_pairs(net, fold_bn)  # before any change
     _fold_bn.unfold(net)
     _spike_bits.detach(net)
-    if fold_bn and not _fold_bn.fold(net):
+    if pairs is not None:
+        _fold_bn.fold(net, pairs)
+    elif fold_bn and not _fold_bn.fold(net):
         warnings.warn("optimize(fold_bn=True): no BatchNorm of this network feeds a neuron in a pattern "
-                      "that can be folded (see sj_temporal_fusion.optimize.fold_bn's docstring); nothing "
-                      "folded", stacklevel=2)
-    if spike_bits and not _spike_bits.attach(net, _neuron_classes()):
+                      "that can be found (see sj_temporal_fusion.optimize.fold_bn's docstring); nothing "
+                      "folded. A model that applies its BatchNorms in forward code can name the pairs: "
+                      "optimize(net, fold_bn=[(bn, neuron), ...])", stacklevel=2)
+    if spike_bits and not _spike_bits.attach(net, _fold_bn._neuron_classes()):
         warnings.warn("optimize(spike_bits=True): no neuron of this network runs backend "
                       "'temporal_fusion' yet, so no spikes will be packed until one does: call "
-                      "spikingjelly.activation_based.functional.set_backend(net, 'temporal_fusion')",
-                      stacklevel=2)
+                      "sj_temporal_fusion.set_backend(net, 'temporal_fusion')", stacklevel=2)
     return net
 
 
