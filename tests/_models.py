@@ -4,7 +4,7 @@ fixed option values that make every term matter, how SpikingJelly builds the nod
 learnable tensors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,7 +23,6 @@ class ModelCase:
     exact: bool = True               # fp32/fp64 forward bitwise equal to the torch backend
     x_scale: float = 0.9
     x_shift: float = 0.35
-    bytes_per_step: dict = field(default_factory=dict)  # bytes per neuron-step (fp32), asserted in test_bench_traffic
 
 
 def _lif_node(o, **kw):

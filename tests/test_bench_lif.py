@@ -44,7 +44,7 @@ def test_every_case_timed_or_explained(lif_run):
         assert r["status"] == "ok", r
         assert r["reps"] >= 3 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
         assert r["spike_mismatch"] <= lif.SPIKE_TOLERANCE[harness.DTYPES[r["dtype"]]]
-        assert r["design_bytes"] == traffic.step_traffic(r["mode"], r["T"], 301, harness.DTYPES[r["dtype"]]).total
+        assert r["design_bytes"] == traffic.step_traffic(r["mode"], r["T"], 301, harness.DTYPES[r["dtype"]], "lif").total
         assert r["gb_per_s"] == pytest.approx(r["design_bytes"] / r["median_ms"] * 1e-6)
         assert r["fraction_of_copy_bw"] == pytest.approx(r["gb_per_s"] / payload["copy_bandwidth"]["gb_per_s"])
         if r["mode"] == "train":

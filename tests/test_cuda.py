@@ -9,6 +9,7 @@ import sj_temporal_fusion  # noqa: F401
 from sj_temporal_fusion import _nvrtc, _sass, ops
 from sj_temporal_fusion.compat import numpy_int_alias
 from sj_temporal_fusion.functional import lif_multi_step
+from sj_temporal_fusion.neurons import REGISTRY
 
 from _grid import DTYPES, RESETS, assert_grad_close, near_threshold_mismatches
 from conftest import require_nvrtc
@@ -30,7 +31,6 @@ def test_nvrtc_compiles_every_variant():
 
 
 def _forward_name():
-    from sj_temporal_fusion.neurons import REGISTRY
     from sj_temporal_fusion.variants import forward_variant
     return forward_variant(REGISTRY["lif"], torch.float32, 7 | 8)  # v * keep + x, hard reset
 
@@ -153,7 +153,7 @@ def test_gpu_second_device():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", ["lif", "qif", "eif", "izhikevich", "klif"])
+@pytest.mark.parametrize("model", list(REGISTRY))
 def test_gpu_matches_host_every_model(model, dtype):
     """Every model on the GPU against the host build: forward bit for bit (EIF to rounding: CUDA's
     expf is not glibc's), gradients (the learnable parameters' too) to rounding."""

@@ -202,9 +202,9 @@ def test_whole_model_loads_in_a_fresh_process(tmp_path):
 
 
 def test_every_neuron_class_switches_with_set_backend():
+    # Every class the registry serves (test_neurons checks that it serves all SpikingJelly's).
     nodes = [cls(step_mode="m") for model in REGISTRY.values() for cls in model.classes]
-    assert {type(n).__name__ for n in nodes} == {"IFNode", "LIFNode", "ParametricLIFNode", "QIFNode", "EIFNode",
-                                                 "IzhikevichNode", "KLIFNode"}
+    assert nodes
     net = torch.nn.Sequential(*nodes)
     functional.set_backend(net, "temporal_fusion")
     assert all(n.backend == "temporal_fusion" for n in nodes)

@@ -259,7 +259,7 @@ def add_roofline(rows: list[dict], copy_gb_per_s: float) -> None:
     tf = {(r["mode"], r["dtype"], r["T"]): r for r in rows
           if r["method"] == "temporal_fusion" and r["status"] == "ok"}
     for r in rows:
-        design = traffic.step_traffic(r["mode"], r["T"], r["N"], harness.DTYPES[r["dtype"]]).total
+        design = traffic.step_traffic(r["mode"], r["T"], r["N"], harness.DTYPES[r["dtype"]], "lif").total
         r["design_bytes"] = design
         if r["status"] != "ok":
             continue
@@ -423,7 +423,7 @@ def main(args) -> dict:
         payload = {"benchmark": "lif", "complete": complete, "environment": env, "config": config,
                    "copy_bandwidth": {"gb_per_s": copy_gb_per_s, "start": copy_start, "end": copy_end},
                    "design_bytes_per_neuron_step": {
-                       f"{mode}/{harness.DTYPE_NAMES[d]}": traffic.words_per_neuron_step(mode, d)
+                       f"{mode}/{harness.DTYPE_NAMES[d]}": traffic.words_per_neuron_step(mode, d, "lif")
                        for mode in modes for d in dtypes},
                    "results": rows}
         harness.write_json(out / f"{name}.json", payload)

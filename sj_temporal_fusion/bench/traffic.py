@@ -67,8 +67,8 @@ def _param_reads(N: int, dtype: torch.dtype, model: str) -> int:
     return -(-N // _host.LANES) * len(REGISTRY[model].params) * state_bytes(dtype)
 
 
-def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool, store_v_seq: bool = False,
-                    model: str = "lif", fold_bn: bool = False) -> Traffic:
+def forward_traffic(T: int, N: int, dtype: torch.dtype, *, model: str, train: bool, store_v_seq: bool = False,
+                    fold_bn: bool = False) -> Traffic:
     """Design bytes of one ``neuron_forward`` launch over x (T, N)."""
     w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
     read = T * N * w + S * N * s + _param_reads(N, dtype, model)   # x, initial state, parameters
@@ -82,8 +82,8 @@ def forward_traffic(T: int, N: int, dtype: torch.dtype, *, train: bool, store_v_
     return Traffic(read, written)
 
 
-def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = False, grad_state_last: int = 0,
-                     param_grads: int = 0, model: str = "lif", fold_bn: bool = False) -> Traffic:
+def backward_traffic(T: int, N: int, dtype: torch.dtype, *, model: str, grad_v_seq: bool = False,
+                     grad_state_last: int = 0, param_grads: int = 0, fold_bn: bool = False) -> Traffic:
     """Design bytes of one ``neuron_backward`` launch over x (T, N); ``grad_state_last``: how many
     final-state gradients are given, ``param_grads``: how many learnable parameters."""
     w, s, S = dtype.itemsize, state_bytes(dtype), REGISTRY[model].num_states
@@ -97,7 +97,7 @@ def backward_traffic(T: int, N: int, dtype: torch.dtype, *, grad_v_seq: bool = F
     return Traffic(read, written)
 
 
-def step_traffic(mode: str, T: int, N: int, dtype: torch.dtype, model: str = "lif") -> Traffic:
+def step_traffic(mode: str, T: int, N: int, dtype: torch.dtype, model: str) -> Traffic:
     """Design bytes of one benchmark step of a layer: 'infer' (forward, no grad) or 'train'
     (forward with checkpoints + backward; an unused final state brings no gradient to read)."""
     if mode == "infer":
@@ -107,7 +107,7 @@ def step_traffic(mode: str, T: int, N: int, dtype: torch.dtype, model: str = "li
     raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
 
 
-def words_per_neuron_step(mode: str, dtype: torch.dtype, model: str = "lif") -> float:
+def words_per_neuron_step(mode: str, dtype: torch.dtype, model: str) -> float:
     """The T -> infinity bytes per neuron-step of ``mode``, in bytes (not words)."""
     w, s, m = dtype.itemsize, state_bytes(dtype), REGISTRY[model]
     if mode == "infer":
@@ -149,18 +149,18 @@ def _only(launches, kernel: str) -> Traffic:
 
 
 def _layer(model: str, dtype: torch.dtype, learnable: bool):
-    """A layer of ``model`` with its defaults (PLIF for 'lif' when ``learnable``), and its
-    parameter tensor and learnable mask as functional.neuron_multi_step builds them."""
+    """A layer of ``model`` with its defaults, and its parameter tensor and learnable mask as
+    functional.neuron_multi_step builds them. ``learnable``: with the model's ``learned`` options
+    (what its SpikingJelly class learns: PLIF's w, KLIF's k), or where it learns nothing, with a
+    learnable v_threshold (every model can learn it)."""
     from ..functional import parameter_tensor
     m = REGISTRY[model]
     o = dict(m.defaults)
-    if model == "lif":
-        o.update(kind="plif" if learnable else "lif", w=torch.tensor(-1.0, requires_grad=True), tau=1.25,
-                 decay_input=False, v_threshold=0.3)
-    if model == "klif":
-        o["k"] = torch.tensor(1.2, requires_grad=learnable)
+    if learnable:  # float values learn; others (PLIF's kind) select the form that learns them
+        learned = m.learned or {"v_threshold": float(o["v_threshold"])}
+        o.update({k: torch.tensor(v, requires_grad=True) if isinstance(v, float) else v for k, v in learned.items()})
     params, mask = parameter_tensor(m.param_values(o), ops.state_dtype(dtype), torch.device("cpu"))
-    return m, o, params.detach(), mask if learnable else 0
+    return m, o, params.detach(), mask
 
 
 def _fold_args(N: int, dtype: torch.dtype, fold_bn: bool) -> tuple:
@@ -191,7 +191,7 @@ def _input(T: int, N: int, dtype: torch.dtype, seed: int = 0):
     return (torch.randn(T, N, generator=g, dtype=torch.float64) * 0.5 + 0.3).to(dtype)
 
 
-def count_forward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", train: bool,
+def count_forward(T: int, N: int, dtype: torch.dtype, *, model: str, train: bool,
                   store_v_seq: bool = False, fold_bn: bool = False) -> Traffic:
     """Counted bytes of one ``sj_temporal_fusion::neuron_forward`` launch."""
     x = _input(T, N, dtype)
@@ -200,7 +200,7 @@ def count_forward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", tra
     return _only(launches, "neuron_forward")
 
 
-def count_backward(T: int, N: int, dtype: torch.dtype, *, model: str = "lif", grad_v_seq: bool = False,
+def count_backward(T: int, N: int, dtype: torch.dtype, *, model: str, grad_v_seq: bool = False,
                    grad_state_last: bool = False, learnable: bool = False, fold_bn: bool = False) -> Traffic:
     """Counted bytes of one ``sj_temporal_fusion::neuron_backward`` launch."""
     x = _input(T, N, dtype)
@@ -242,15 +242,24 @@ def count_step(mode: str, T: int, N: int, dtype: torch.dtype) -> Traffic:
 # ---------------------------------------------------------------- CLI
 
 VARIANT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
+# The model counted in every dtype: IF/LIF/PLIF, the neuron of the benchmarks' networks. The
+# others in fp32 and bf16 (a 2-byte input with fp32 states): the dtypes change the kernels'
+# loads and stores, not the models' code, so this keeps the per-model variants few.
+EVERY_DTYPE_MODEL = "lif"
+
+
+def model_dtypes(model: str, fold_bn: bool) -> tuple[str, ...]:
+    if model == EVERY_DTYPE_MODEL:
+        return VARIANT_DTYPES
+    return ("fp32",) if fold_bn else ("fp32", "bf16")
 
 
 def variants():
     """Every (model, pass, dtype, store_v_seq, grad_v_seq, grad_state_last, learnable, fold_bn)
-    the accounting covers: every model in fp32 and bf16 (every dtype for IF/LIF/PLIF); with
-    BatchNorm folded, the forward (inference and training) and the backward with every gradient,
-    every model in fp32 (every dtype for IF/LIF/PLIF)."""
+    the accounting covers, for every model of the registry: in ``model_dtypes``; with BatchNorm
+    folded, the forward (inference and training) and the backward with every gradient."""
     for model in REGISTRY:
-        for dtype in VARIANT_DTYPES if model == "lif" else ("fp32", "bf16"):
+        for dtype in model_dtypes(model, fold_bn=False):
             for train, store in itertools.product((False, True), (False, True)):
                 yield dict(model=model, pass_="forward-train" if train else "forward-infer", dtype=dtype,
                            store_v_seq=store, grad_v_seq=False, grad_state_last=False, learnable=False,
@@ -260,7 +269,7 @@ def variants():
                     continue
                 yield dict(model=model, pass_="backward", dtype=dtype, store_v_seq=False, grad_v_seq=gseq,
                            grad_state_last=glast, learnable=learn, fold_bn=False)
-        for dtype in VARIANT_DTYPES if model == "lif" else ("fp32",):
+        for dtype in model_dtypes(model, fold_bn=True):
             for pass_ in ("forward-infer", "forward-train"):
                 yield dict(model=model, pass_=pass_, dtype=dtype, store_v_seq=False, grad_v_seq=False,
                            grad_state_last=False, learnable=False, fold_bn=True)

@@ -6,7 +6,7 @@
           vectorised loop; each value is one g++ build, about 10-20 s)
 
 A shape whose kernels cannot launch (registers per thread x threads per block above the SM's
-65,536-register file: fp32 ``lif_backward`` at 4 lanes (before the launch bounds) uses ~174 registers, so 512 x 4 fails with
+65,536-register file: the fp32 LIF backward at 4 lanes used ~174 registers before the launch bounds, so 512 x 4 failed with
 CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) is skipped with the ptxas register count as the reason
 (``_sass``: the kernels compiled for the device's architecture with that shape's options); any
 other failure of one shape is recorded as an error row and the sweep goes on.
@@ -157,7 +157,7 @@ def main(args) -> dict:
                             else:
                                 t = harness.time_fn(step, device, warmup=2, reps=args.reps,
                                                     max_seconds=args.max_seconds, flush=flush)
-                                design = traffic.step_traffic(mode, args.T, N, dtype).total
+                                design = traffic.step_traffic(mode, args.T, N, dtype, "lif").total
                                 row.update(status="ok", **t.summary(),
                                            fraction_of_copy_bw=design / (t.median_ms / 1e3) / 1e9 / copy["gb_per_s"])
                     except Exception as exc:  # noqa: BLE001 - one failing shape must not end the sweep

@@ -6,7 +6,7 @@ reference step in plain PyTorch for the oracle (``sj_temporal_fusion.reference``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -36,6 +36,10 @@ class NeuronModel:
     clock_driven: tuple = ()    # spikingjelly.clock_driven.neuron multi-step classes it serves (same
                                 # option attribute names; frontends/clock_driven.py)
     chunk: int = 16             # steps between checkpoints (CHUNK in the header)
+    learned: dict = field(default_factory=dict)  # options that make a layer learn what its SpikingJelly
+                                # class learns as nn.Parameters, at SpikingJelly's initial values: a
+                                # float is learnt (a tensor requiring grad), anything else selects
+                                # the form that learns it (PLIF: kind='plif', w=0.0)
 
     @property
     def num_states(self) -> int:

@@ -53,4 +53,4 @@ MODEL = NeuronModel(
     node_options=node_options, validate=validate, form=form, forms=tuple(range(16)), detach_bit=DETACH,
     param_values=param_values,
     initial_state=lambda o: (0.0 if o["v_reset"] is None else float(o["v_reset"]),),
-    charge=charge, reset=reset, chunk=8)
+    charge=charge, reset=reset, chunk=8, learned=dict(k=1.0))

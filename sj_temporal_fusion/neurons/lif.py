@@ -90,4 +90,5 @@ MODEL = NeuronModel(
     param_values=param_values,
     initial_state=lambda o: (0.0 if o["v_reset"] is None else float(o["v_reset"]),),
     charge=charge, reset=lambda z, h, s, sd, o: base_reset(z[0], h, s, sd, o),
-    clock_driven=(cd_neuron.MultiStepIFNode, cd_neuron.MultiStepLIFNode, cd_neuron.MultiStepParametricLIFNode))
+    clock_driven=(cd_neuron.MultiStepIFNode, cd_neuron.MultiStepLIFNode, cd_neuron.MultiStepParametricLIFNode),
+    learned=dict(kind="plif", w=0.0))  # ParametricLIFNode's w = -log(init_tau - 1), init_tau=2
