@@ -1,7 +1,8 @@
-"""Tiny networks in the shape of the SNN codebases that run SpikingJelly's cupy backend today,
-written here for the tests: a Spikformer-style network and a Spike-driven-style PLIF block and a
-SEW-style IF block (clock_driven nodes), and a net of activation_based subclasses with a
-no-argument __init__ (SpikingResformer's way of fixing a node's options). Inputs (T, B, C, H, W)."""
+"""Tiny networks in the shape of the SNN codebases that run SpikingJelly's cupy backend today: a
+Spikformer-style network (the package's bench model at test size) and, written here for the
+tests, a Spike-driven-style PLIF block and a SEW-style IF block (clock_driven nodes), and a net
+of activation_based subclasses with a no-argument __init__ (SpikingResformer's way of fixing a
+node's options). Inputs (T, B, C, H, W)."""
 from __future__ import annotations
 
 import torch
@@ -9,94 +10,21 @@ import torch.nn as nn
 from spikingjelly.activation_based import neuron as ab_neuron, surrogate as ab_surrogate
 from spikingjelly.clock_driven import neuron, surrogate
 
+from sj_temporal_fusion.bench import spikformer
+from sj_temporal_fusion.bench.spikformer import conv_bn, lif  # noqa: F401 - the other nets' building blocks
+
 T, B, C, H, W = 4, 2, 3, 16, 16
 CLASSES = 10
 
 
-def lif(backend, **kw):
-    return neuron.MultiStepLIFNode(tau=2.0, detach_reset=True, backend=backend, **kw)
+class Spikformer(spikformer.Spikformer):
+    """The package's Spikformer (sj_temporal_fusion/bench/spikformer.py, which bench net times) at
+    test size: dim 16, 2 heads, one block, MLP ratio 2, two Conv-BN-LIF patch stages each with max
+    pooling, 16 tokens from 16 x 16 input."""
 
-
-def conv_bn(x, conv, bn):
-    """A (T, B, ...) sequence through a per-step conv and BatchNorm2d, as SeqToANNContainer does."""
-    t, b = x.shape[:2]
-    y = bn(conv(x.flatten(0, 1)))
-    return y.reshape(t, b, *y.shape[1:])
-
-
-def linear_bn(x, linear, bn):
-    """Spikformer's Linear-BatchNorm1d on (T, B, N, D): the BatchNorm1d normalises D, between two
-    transposes."""
-    t, b, n, d = x.shape
-    y = bn(linear(x.flatten(0, 1)).transpose(-1, -2)).transpose(-1, -2)
-    return y.reshape(t, b, n, -1).contiguous()
-
-
-class PatchEmbedding(nn.Module):
-    """Conv-BN-LIF stages with max pooling, then a relative position embedding Conv-BN-LIF added."""
-
-    def __init__(self, backend, dim=16):
-        super().__init__()
-        self.conv1, self.bn1, self.lif1 = nn.Conv2d(C, dim // 2, 3, padding=1, bias=False), nn.BatchNorm2d(dim // 2), lif(backend)
-        self.conv2, self.bn2, self.lif2 = nn.Conv2d(dim // 2, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), lif(backend)
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        self.rpe_conv, self.rpe_bn, self.rpe_lif = nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), lif(backend)
-
-    def forward(self, x):
-        x = self.lif1(conv_bn(x, self.conv1, self.bn1))
-        x = self.pool(x.flatten(0, 1)).reshape(*x.shape[:3], H // 2, W // 2)
-        x = self.lif2(conv_bn(x, self.conv2, self.bn2))
-        x = self.pool(x.flatten(0, 1)).reshape(*x.shape[:3], H // 4, W // 4)
-        x = x + self.rpe_lif(conv_bn(x, self.rpe_conv, self.rpe_bn))
-        return x.flatten(-2).transpose(-1, -2).contiguous()  # (T, B, N, D)
-
-
-class SpikingSelfAttention(nn.Module):
-    def __init__(self, backend, dim=16, heads=2):
-        super().__init__()
-        self.heads, self.scale = heads, 0.125
-        for name in ("q", "k", "v", "proj"):
-            setattr(self, f"{name}_linear", nn.Linear(dim, dim))
-            setattr(self, f"{name}_bn", nn.BatchNorm1d(dim))
-            setattr(self, f"{name}_lif", lif(backend))
-        self.attn_lif = lif(backend, v_threshold=0.5)
-
-    def _heads(self, x):
-        t, b, n, d = x.shape
-        return x.reshape(t, b, n, self.heads, d // self.heads).permute(0, 1, 3, 2, 4).contiguous()
-
-    def forward(self, x):
-        t, b, n, d = x.shape
-        q, k, v = (self._heads(getattr(self, f"{s}_lif")(linear_bn(x, getattr(self, f"{s}_linear"),
-                                                                     getattr(self, f"{s}_bn")))) for s in "qkv")
-        x = (q @ k.transpose(-2, -1)) * self.scale @ v
-        x = self.attn_lif(x.transpose(2, 3).reshape(t, b, n, d).contiguous())
-        return self.proj_lif(linear_bn(x, self.proj_linear, self.proj_bn))
-
-
-class MLP(nn.Module):
-    def __init__(self, backend, dim=16, hidden=32):
-        super().__init__()
-        self.fc1_linear, self.fc1_bn, self.fc1_lif = nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), lif(backend)
-        self.fc2_linear, self.fc2_bn, self.fc2_lif = nn.Linear(hidden, dim), nn.BatchNorm1d(dim), lif(backend)
-
-    def forward(self, x):
-        x = self.fc1_lif(linear_bn(x, self.fc1_linear, self.fc1_bn))
-        return self.fc2_lif(linear_bn(x, self.fc2_linear, self.fc2_bn))
-
-
-class Spikformer(nn.Module):
     def __init__(self, backend="torch", dim=16):
-        super().__init__()
-        self.patch_embed = PatchEmbedding(backend, dim)
-        self.attn, self.mlp = SpikingSelfAttention(backend, dim), MLP(backend, dim)
-        self.head = nn.Linear(dim, CLASSES)
-
-    def forward(self, x):
-        x = self.patch_embed(x)
-        x = x + self.attn(x)
-        x = x + self.mlp(x)
-        return self.head(x.mean(2)).mean(0)
+        super().__init__(backend, in_channels=C, num_classes=CLASSES, dim=dim, heads=2, depth=1, mlp_ratio=2,
+                         stages=2)
 
 
 class SpikeDrivenPLIFBlock(nn.Module):

@@ -1,6 +1,7 @@
 """Whole-network benchmark (sj_temporal_fusion/bench/net.py), on tiny sizes on the CPU."""
 import json
 
+import pytest
 import torch
 
 from sj_temporal_fusion.bench import net
@@ -114,3 +115,44 @@ def test_check_runs_the_first_step_deterministically_and_restores_the_settings()
     finally:
         cudnn.deterministic, cudnn.benchmark = before[0], before[1]
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+def test_cli_spikformer_small(tmp_path):
+    """The Spikformer (clock_driven nodes, BatchNorms in forward code) beside the ResNets: every
+    method runs and passes the first-step check; its neurons are profiled as neurons; fold_bn
+    folds the pairs it names, so the BatchNorms' time moves into the neurons."""
+    main(["net", "--device", "cpu", "--models", "spikformer", "--modes", "train", "--T", "2", "--batch", "2",
+          "--image-size", "16", "--dim", "16", "--heads", "2", "--reps", "1", "--min-reps", "1", "--warmup", "0",
+          "--out", str(tmp_path), "--quiet", "--no-plots"])
+    payload = json.loads((tmp_path / "net-cpu.json").read_text())
+    rows = {r["method"]: r for r in payload["results"]}
+    assert payload["config"]["spikformer"]["dim"] == 16 and "attention LIF 0.5" in payload["config"]["spikformer"]["neuron"]
+    assert rows["cupy"]["status"] == "skipped"
+    for method in ("torch", "temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn"):
+        r = rows[method]
+        assert r["status"] == "ok" and r["model"] == "spikformer", r
+        assert r["neuron_ms"] > 0 and r["conv_ms"] > 0 and r["peak_bytes"] > 0, r
+        assert r["grad_rel_diff_vs_torch"] < 1e-4, r
+    assert rows["temporal_fusion+spike_bits"]["grad_bitwise_equal_to_temporal_fusion"] is True
+    assert rows["temporal_fusion+spike_bits"]["spike_bits_ms"] > 0
+    # A folded BatchNorm's forward only hands its input over: its range holds no normalisation.
+    assert rows["temporal_fusion+fold_bn"]["bn_ms"] < 0.5 * rows["temporal_fusion"]["bn_ms"]
+
+
+def test_spikformer_model_and_its_pairs():
+    from spikingjelly.clock_driven import neuron as cd_neuron
+    from sj_temporal_fusion.bench import spikformer
+    from sj_temporal_fusion.optimize import fold_pairs
+    m = net.build_model("spikformer", "temporal_fusion", channels=1, spikformer_size=dict(dim=32, depth=2, heads=4))
+    nodes = [n for n in m.modules() if isinstance(n, cd_neuron.MultiStepLIFNode)]
+    assert {n.backend for n in nodes} == {"temporal_fusion"} and m.patch_embed.convs[0].in_channels == 1
+    assert sorted(n.v_threshold for n in nodes).count(0.5) == 2  # one attention LIF per block
+    # Every BatchNorm is named in a pair, with the neuron it feeds; none can be found by pattern.
+    pairs = spikformer.fold_pairs(m)
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(pairs) == len(bns) == 4 + 1 + 2 * (4 + 2) and {id(b) for b, _ in pairs} == {id(b) for b in bns}
+    assert fold_pairs(m) == []
+    out = m(torch.rand(2, 3, 1, 16, 16))
+    assert out.shape == (3, 10)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        spikformer.Spikformer(dim=30, heads=4)

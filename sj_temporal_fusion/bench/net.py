@@ -3,10 +3,14 @@ backend, side by side in one run: time, peak memory, and where the time goes by 
 
 Models: SpikingJelly 0.0.0.0.14's own ``spiking_resnet18/34/50`` in multi-step mode with the
 paper's neuron (LIFNode tau = 1.25, decay_input = False, v_threshold = 0.3, v_reset = 0,
-Sigmoid(alpha = 4), as ``tests/_grid.py``), input (T, B, C, H, W) uniform in [0, 1), 10 classes,
-loss cross-entropy of the output averaged over T. Default: Spiking-ResNet18, T = 32, batch 4,
-3 x 28 x 28 (MNIST's size, its one channel repeated to the model's three as in experiments/;
-``--channels`` other than 3 replaces the first convolution), fp32.
+Sigmoid(alpha = 4), as ``tests/_grid.py``), and ``spikformer``: the Spikformer of
+``bench/spikformer.py``, clock_driven MultiStepLIFNodes as Spikformer's code builds them (tau 2,
+detach_reset, the attention LIF at v_threshold 0.5), ``--dim`` / ``--depth`` / ``--heads``, its
+nodes switched with ``sj_temporal_fusion.set_backend`` and reset with clock_driven's
+``reset_net``. Input (T, B, C, H, W) uniform in [0, 1), 10 classes, loss cross-entropy of the
+output averaged over T. Default: Spiking-ResNet18, T = 32, batch 4, 3 x 28 x 28 (MNIST's size,
+its one channel repeated to the model's three as in experiments/; ``--channels`` other than 3
+replaces the first convolution), fp32.
 
 Methods (one setup each, the same initial weights, input and labels):
     torch                        SpikingJelly's torch backend
@@ -15,9 +19,13 @@ Methods (one setup each, the same initial weights, input and labels):
     temporal_fusion+spike_bits   the same, with ``sj_temporal_fusion.optimize(net)``: spikes that
                                  a layer saves for its backward are kept as bits
     temporal_fusion+fold_bn      ``optimize(net, fold_bn=True)``: spike bits and BatchNorm folded
-                                 into the neuron (the 9 bn -> sn pairs of Spiking-ResNet18); the
-                                 batch statistics are computed in the neuron's forward, so that
-                                 time counts as 'neuron', not 'bn' 
+                                 into the neuron (the 9 bn -> sn pairs of Spiking-ResNet18; for
+                                 the Spikformer the pairs it names, ``spikformer.fold_pairs``:
+                                 its BatchNorms run in forward code, where nothing can find them);
+                                 the batch statistics are computed in the neuron's forward, so
+                                 that time counts as 'neuron', not 'bn'
+The Spikformer's cupy row is SpikingJelly's clock_driven cupy backend, which needs tensorboard
+installed (its kernel module imports it; without it the row is skipped and says so).
 Modes: 'train' = reset, zero_grad, forward, loss, backward (no optimiser step, so every step
 sees the same weights); 'infer' = eval mode under no_grad (BatchNorm on running statistics).
 SpikingJelly 0.0.0.0.14's LIFNode runs its TorchScript loop in eval mode whatever the backend,
@@ -41,7 +49,8 @@ Where the time goes: one profiled step per method. Each leaf module's forward ru
 ``record_function`` range named by its type (conv, bn, neuron, other) and each backward node is
 given the range of the forward op that created it (autograd sequence numbers), so an op's self
 time (CPU) or self kernel time (CUDA) lands in conv, bn, neuron, spike_bits (packing and
-unpacking) or other (everything else: pooling, linear, residual adds, the loss, Python).
+unpacking) or other (everything else: pooling, linear layers, the Spikformer's attention
+products, residual adds, the loss, Python).
 """
 from __future__ import annotations
 
@@ -54,9 +63,9 @@ from typing import Optional
 
 import torch
 
-from . import harness, lif, memory
+from . import harness, lif, memory, spikformer
 
-MODELS = ("resnet18", "resnet34", "resnet50")
+MODELS = ("resnet18", "resnet34", "resnet50", "spikformer")
 METHODS = ("torch", "cupy", "temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn")
 MODES = ("train", "infer")
 OPTIONS = {"temporal_fusion+spike_bits": dict(spike_bits=True),  # sj_temporal_fusion.optimize(net, **)
@@ -67,6 +76,9 @@ NEURON = dict(tau=1.25, decay_input=False, v_threshold=0.3, v_reset=0.0)
 # to the largest gradient. The backends agree to ~1e-6 in fp32 on a first step (tests); a wrong
 # kernel or a dropped gradient shows as O(1).
 GRAD_TOLERANCE = 1e-3
+SPIKFORMER = dict(dim=64, depth=1, heads=4)  # --dim, --depth, --heads
+SPIKFORMER_NEURON = ("clock_driven MultiStepLIFNode(tau=2.0, detach_reset=True), Sigmoid(alpha=4) surrogate, "
+                     "v_threshold 1 (the attention LIF 0.5)")
 COLUMNS = ["model", "method", "mode", "T", "batch", "image_size", "status", "median_ms", "p25_ms",
            "p75_ms", "min_ms", "reps", "speedup_vs_torch", "speedup_vs_cupy", "peak_mib",
            "memory_vs_torch", "memory_vs_cupy", "loss_abs_diff_vs_torch", "grad_rel_diff_vs_torch",
@@ -80,13 +92,23 @@ class Skip(lif.Skip):
 
 # ---------------------------------------------------------------- setups
 
-def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 10) -> torch.nn.Module:
+def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 10,
+                spikformer_size: Optional[dict] = None) -> torch.nn.Module:
     """SpikingJelly's spiking_resnet<depth> with the paper's LIF neuron, multi-step, on
-    ``backend``, initial weights from seed 0; the first convolution takes ``channels`` inputs."""
+    ``backend``, initial weights from seed 0; the first convolution takes ``channels`` inputs.
+    ``spikformer``: bench/spikformer.py's model with ``spikformer_size`` (dim, depth, heads)."""
     from spikingjelly.activation_based import functional, neuron, surrogate
     from spikingjelly.activation_based.model import spiking_resnet
     import sj_temporal_fusion  # noqa: F401 - registers the backend
     torch.manual_seed(0)
+    if model == "spikformer":
+        net = spikformer.Spikformer("torch", in_channels=channels, num_classes=num_classes,
+                                    **(spikformer_size or SPIKFORMER))
+        report = sj_temporal_fusion.set_backend(net, backend)
+        if report.not_switched:
+            raise Skip(f"clock_driven nodes do not take backend={backend!r}: "
+                       + "; ".join(sorted(set(report.not_switched.values()))))
+        return net
     net = getattr(spiking_resnet, f"spiking_{model}")(
         spiking_neuron=neuron.LIFNode, surrogate_function=surrogate.Sigmoid(alpha=lif.SG_ALPHA),
         num_classes=num_classes, **NEURON)
@@ -105,18 +127,20 @@ class Setup:
     """One method's network, input and step; ``step()`` runs one training or inference step."""
 
     def __init__(self, method: str, mode: str, model: str, device: torch.device, T: int, batch: int,
-                 image_size: int, channels: int):
+                 image_size: int, channels: int, spikformer_size: Optional[dict] = None):
         backend = "temporal_fusion" if method.startswith("temporal_fusion") else method
         if method == "cupy":
             lif.setup_cupy(lif.Case(method, mode, torch.float32, T, 1, device), None, None)  # Skip off CUDA
         self.method, self.mode, self.device = method, mode, device
-        self.net = build_model(model, backend, channels).to(device)
+        self.net = build_model(model, backend, channels, spikformer_size=spikformer_size).to(device)
+        self.reset = spikformer.reset if model == "spikformer" else _reset_activation_based
+        self.averages_time = model == "spikformer"  # its head averages over T, as Spikformer's does
         if method in OPTIONS:
             import sj_temporal_fusion
-            try:
-                sj_temporal_fusion.optimize(self.net, **OPTIONS[method])
-            except NotImplementedError as exc:  # fold_bn until it lands: the column says why
-                raise Skip(str(exc)) from None
+            options = dict(OPTIONS[method])
+            if options.get("fold_bn") and model == "spikformer":  # BatchNorms in forward code: named
+                options["fold_bn"] = spikformer.fold_pairs(self.net)
+            sj_temporal_fusion.optimize(self.net, **options)
         self.net.train(mode == "train")
         g = torch.Generator().manual_seed(1)
         self.x = torch.rand(T, batch, channels, image_size, image_size, generator=g).to(device)
@@ -127,13 +151,13 @@ class Setup:
             self.step = with_numpy_int_alias(self.step)
 
     def step(self):
-        from spikingjelly.activation_based import functional
-        functional.reset_net(self.net)
+        self.reset(self.net)
         if self.mode == "infer":
             with torch.no_grad():
                 return self.net(self.x)
         self.net.zero_grad(set_to_none=True)
-        out = self.net(self.x).mean(0)
+        out = self.net(self.x)
+        out = out if self.averages_time else out.mean(0)
         self.loss = torch.nn.functional.cross_entropy(out.float(), self.label)
         self.loss.backward()
         return self.loss
@@ -146,6 +170,11 @@ class Setup:
 
     def gradients(self) -> dict:
         return {n: p.grad.detach().clone() for n, p in self.net.named_parameters() if p.grad is not None}
+
+
+def _reset_activation_based(net):
+    from spikingjelly.activation_based import functional
+    functional.reset_net(net)
 
 
 @contextlib.contextmanager
@@ -208,8 +237,9 @@ def _marked_modules(net: torch.nn.Module):
     """(module, category): conv, bn and neuron modules (not their children: a neuron holds its
     surrogate as a submodule), and every other leaf as 'other'."""
     from spikingjelly.activation_based import neuron
+    from spikingjelly.clock_driven import neuron as cd_neuron
     kinds = ((torch.nn.modules.conv._ConvNd, "conv"), (torch.nn.modules.batchnorm._BatchNorm, "bn"),
-             (neuron.BaseNode, "neuron"))
+             ((neuron.BaseNode, cd_neuron.BaseNode), "neuron"))
     stack = [net]
     while stack:
         module = stack.pop()
@@ -314,7 +344,7 @@ def run_case(model: str, mode: str, methods: list[str], device: torch.device, ar
                "image_size": args.image_size}
         try:
             setups[method] = Setup(method, mode, model, device, args.T, args.batch, args.image_size,
-                                   args.channels)
+                                   args.channels, spikformer_size(args))
             row["status"] = "pending"
         except lif.Skip as exc:
             row.update(status="skipped", reason=str(exc))
@@ -385,6 +415,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop adding rounds once this much time was measured (default 60)")
     p.add_argument("--no-profile", action="store_true", help="skip the by-layer-type profile")
+    p.add_argument("--dim", type=int, default=SPIKFORMER["dim"],
+                   help=f"spikformer: embedding dimension (default {SPIKFORMER['dim']})")
+    p.add_argument("--depth", type=int, default=SPIKFORMER["depth"],
+                   help=f"spikformer: encoder blocks (default {SPIKFORMER['depth']})")
+    p.add_argument("--heads", type=int, default=SPIKFORMER["heads"],
+                   help=f"spikformer: attention heads (default {SPIKFORMER['heads']})")
+
+
+def spikformer_size(args) -> dict:
+    return {k: getattr(args, k, SPIKFORMER[k]) for k in SPIKFORMER}
 
 
 def main(args) -> dict:
@@ -404,6 +444,8 @@ def main(args) -> dict:
     payload = {"benchmark": "net", "environment": harness.finish_environment(env),
                "config": {"models": models, "methods": methods, "modes": modes, "T": args.T,
                           "batch": args.batch, "image_size": args.image_size, "channels": args.channels,
+                          **({"spikformer": {**spikformer_size(args), "neuron": SPIKFORMER_NEURON}}
+                             if "spikformer" in models else {}),
                           "neuron": {**NEURON, "surrogate": f"Sigmoid(alpha={lif.SG_ALPHA})"},
                           "reps": args.reps, "warmup": args.warmup, "profile": not args.no_profile},
                "results": rows}
@@ -423,10 +465,10 @@ def _fmt(v, spec):
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<9}{'mode':<6}{'method':<28}{'ms':>10}{'x torch':>8}{'peak MiB':>10}"
+    lines = [f"{'model':<11}{'mode':<6}{'method':<28}{'ms':>10}{'x torch':>8}{'peak MiB':>10}"
              f"{'mem/torch':>10}  conv/bn/neuron/bits/other %"]
     for r in rows:
-        head = f"{r['model']:<9}{r['mode']:<6}{r['method']:<28}"
+        head = f"{r['model']:<11}{r['mode']:<6}{r['method']:<28}"
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r.get('reason', '')}")
             continue
