@@ -30,7 +30,7 @@ MIN_OCCUPANCY = 0.5
 @dataclasses.dataclass
 class KernelResources:
     """ptxas's report for one compiled kernel variant on one architecture."""
-    name: str            # the name expression, e.g. 'lif_backward<float, 2>'
+    name: str            # the name expression, e.g. 'neuron_forward<LifModel, float, 0>'
     arch: str            # '80', '90'
     registers: int
     spill_store_bytes: int
@@ -115,7 +115,8 @@ def package_resources(archs: Iterable[str] = ARCHS, options: Optional[Sequence[s
                       name_expressions: Optional[Sequence[str]] = None) -> dict[str, list[KernelResources]]:
     """``resources`` of the package's kernels (``_nvrtc.source()``, ``_nvrtc.OPTIONS``,
     ``_nvrtc.all_name_expressions()``) per architecture; the architectures compile in parallel
-    (NVRTC releases the GIL: both archs of ~130 variants take ~2 minutes on 2 cores). Cached per
+    (NVRTC releases the GIL: both archs of every variant, 379 with five models, take minutes on
+    2 cores). Cached per
     (source, options, names, archs) for the process, so several tests share one compile."""
     from . import _nvrtc
     options = tuple(_nvrtc.OPTIONS if options is None else options)

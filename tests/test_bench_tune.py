@@ -8,10 +8,10 @@ from conftest import require_nvrtc
 
 
 def test_a_shape_beyond_the_register_file_is_refused_with_the_reason():
-    heavy = _sass.KernelResources("lif_backward<float, 2>", "90", 174, 0, 0, 0)
-    light = _sass.KernelResources("lif_forward<float>", "90", 31, 0, 0, 0)
+    heavy = _sass.KernelResources("neuron_backward<LifModel, float, 2, 0, false, false, false>", "90", 174, 0, 0, 0)
+    light = _sass.KernelResources("neuron_forward<LifModel, float, 0>", "90", 31, 0, 0, 0)
     reason = tune.launch_problem(512, [light, heavy])
-    assert reason == ("lif_backward<float, 2> uses 174 registers (ptxas, sm_90): 512 threads need "
+    assert reason == ("neuron_backward<LifModel, float, 2, 0, false, false, false> uses 174 registers (ptxas, sm_90): 512 threads need "
                       "90,112 > 65,536 registers per SM")
     assert tune.launch_problem(256, [light, heavy]) is None
 

@@ -43,7 +43,7 @@ def test_ptxas_report_is_parsed():
     assert [(r.name, r.registers, r.stack_bytes, r.spill_store_bytes, r.spill_load_bytes) for r in rows] == [
         ("foo<float>", 68, 32, 8, 4), ("_Z3barv", 31, 0, 0, 0)]
     assert rows[0].uses_local_memory and not rows[1].uses_local_memory
-    assert _sass.dtype_of("lif_backward<bf16_t, 2>") == "bf16_t"
+    assert _sass.dtype_of("neuron_backward<LifModel, bf16_t, 2, 0, true, false, true>") == "bf16_t"
 
 
 @pytest.fixture(scope="module")

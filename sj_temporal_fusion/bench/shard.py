@@ -106,19 +106,19 @@ def fixup_lengths(x: torch.Tensor, node, t0: int) -> tuple[torch.Tensor, float]:
     """Fix-up length per neuron at a boundary after t0 steps of x (T, N), and the firing rate."""
     from ..distributed import kernels
     from ..ops import state_dtype
-    from ..spikingjelly import node_options
+    from ..frontends.common import node_options
     options = node_options(node)
     spec = kernels.NeuronSpec.from_options(**options)
     with torch.no_grad():
-        k_tensor = kernels.neuron_parameters(options, x)[0]
+        params = kernels.neuron_parameters(options, x)[0]
     acc = state_dtype(x.dtype)
     N = x.shape[1]
     v0 = torch.full((N,), spec.v_reset, dtype=acc, device=x.device)
     x1, x2 = x[:t0].contiguous(), x[t0:].contiguous()
-    _, v_true, _, _ = kernels.shard_forward(x1, v0, spec, k_tensor, False, False)
+    _, v_true, _, _ = kernels.shard_forward(x1, v0, spec, params, False, False)
     guess = torch.full_like(v0, spec.v_reset)  # what a rank without the true state starts from
-    spike, v_last, _, ck = kernels.shard_forward(x2, guess, spec, k_tensor, False, True)
-    L = kernels.shard_fixup(x2, v_true, ck, spike, None, v_last, spec, k_tensor)
+    spike, v_last, _, ck = kernels.shard_forward(x2, guess, spec, params, False, True)
+    L = kernels.shard_fixup(x2, v_true, ck, spike, None, v_last, spec, params)
     return L, spike.float().mean().item()
 
 
@@ -136,7 +136,7 @@ def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: 
     """The model's components on this device (fp32): one slice's speculative forward, its fix-up
     at the measured lengths, the backward's light and final passes, and a state hop's copy."""
     from ..distributed import kernels
-    from ..spikingjelly import node_options
+    from ..frontends.common import node_options
     options = node_options(node)
     spec = kernels.NeuronSpec.from_options(**options)
     out = {}
