@@ -91,6 +91,17 @@ def surrogate_problem(surrogate_function) -> Optional[str]:
     return None
 
 
+def dynamics_problem(node) -> Optional[str]:
+    """Options under which SpikingJelly 2's dynamics differ from the kernels' (0.0.0.0.14's), or None."""
+    if (isinstance(node, neuron.IzhikevichNode) and node.detach_reset and node.v_reset is not None
+            and float(node.v_reset) != 0.0):
+        # 0.0.0.0.14 resets to (1 - s.detach()) h + s v_reset, SpikingJelly 2 to (1 - s.detach()) h +
+        # s.detach() v_reset: the gradients through the spike differ by v_reset times the surrogate.
+        return ("SpikingJelly 2's IzhikevichNode with detach_reset=True detaches the spike in the hard reset's "
+                "v_reset term too, which the kernels do not: with v_reset != 0 it stays on SpikingJelly's own path")
+    return None
+
+
 def _state(node, x) -> tuple:
     """SpikingJelly 2's materialize_states for the kernels: a float memory (as after reset_net)
     becomes a full tensor, a tensor of another shape restarts from the reset value, and the
@@ -115,7 +126,7 @@ def _set_state(node, final) -> None:
 
 
 def _options(node) -> dict:
-    problem = surrogate_problem(node.surrogate_function)
+    problem = surrogate_problem(node.surrogate_function) or dynamics_problem(node)
     if problem:
         raise NotImplementedError(f"{type(node).__name__}: {problem}")
     return node_options(node)
@@ -217,7 +228,7 @@ def why_not(module, backend: str) -> Optional[str]:
     if getattr(module, "_neuron_precision", None) is not None:
         return (f"{name} has a SpikingJelly 2 neuron precision policy ({module._neuron_precision}), which "
                 f"SpikingJelly's own kernels implement: it stays on them")
-    return surrogate_problem(module.surrogate_function) or options_problem(module)
+    return surrogate_problem(module.surrogate_function) or dynamics_problem(module) or options_problem(module)
 
 
 def switch(module, backend: str) -> None:
