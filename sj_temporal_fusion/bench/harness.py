@@ -287,3 +287,13 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: Path, title: str, rect=(0, 0, 1, 0.93), fontsize: int = 10, dpi: int = 110) -> Path:
+    """Title ``fig``, lay it out inside ``rect`` (room left for the title and any figure legend),
+    write it to ``path`` and close it (pyplot keeps every open figure alive)."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path

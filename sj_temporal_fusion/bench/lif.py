@@ -330,12 +330,7 @@ def plot(rows: list[dict], out: Path, name: str, title: str) -> list[Path]:
                         handles.append(hh)
                         labels.append(ll)
         fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=9)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-        path = out / f"{name}_{kind}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(harness.save_figure(fig, out / f"{name}_{kind}.png", title, rect=(0, 0.06, 1, 0.95)))
 
     grid("time")
     if any(r.get("speedup_of_temporal_fusion") for r in ok if r["method"] != "temporal_fusion"):
@@ -358,12 +353,7 @@ def plot(rows: list[dict], out: Path, name: str, title: str) -> list[Path]:
         ax.set_ylabel("fraction of copy bandwidth")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    path = out / f"{name}_roofline.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(harness.save_figure(fig, out / f"{name}_roofline.png", title))
     return paths
 
 

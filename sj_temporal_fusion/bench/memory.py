@@ -232,9 +232,4 @@ def plot(rows, out: Path, name: str, device_name: str, args) -> list[Path]:
         ax.set_title(f"{model}, T={args.T}, {size}", fontsize=10)
         ax.set_ylabel("peak MiB of one training step")
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(device_name, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    path = out / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [harness.save_figure(fig, out / f"{name}.png", device_name)]
