@@ -14,7 +14,7 @@ until ``functional.reset_net``, a stored state of another shape restarting from 
 (its ``materialize_states``), ``functional.detach_net``, ``store_v_seq`` (in step mode 's' the
 voltage of each step appended to ``v_seq`` until ``reset()``), learnable PLIF ``w`` and KLIF ``k``.
 The state is kept in the kernels' precision (fp32 for fp16/bf16 inputs) where SpikingJelly 2
-keeps it in the input's dtype; docs/porting.md lists where its formulas differ from 0.0.0.0.14's.
+keeps it in the input's dtype; the README lists where its formulas differ from 0.0.0.0.14's.
 """
 from __future__ import annotations
 
