@@ -45,7 +45,9 @@ def test_cpu_smoke_runs_every_stage_or_says_why_not(smoke):
     assert lif["complete"] and lif["copy_bandwidth"]["gb_per_s"] > 0
     assert {r["method"] for r in lif["results"] if r["status"] == "ok"} == {"temporal_fusion", "torch", "serial"}
     assert json.loads((out / "memory-cpu.json").read_text())["complete"]
-    assert (out / "net-cpu.json").exists()
+    net_rows = json.loads((out / "net-cpu.json").read_text())["results"]
+    assert {(r["model"], r["mode"]) for r in net_rows if r["method"] == "temporal_fusion" and r["status"] == "ok"} == \
+        {(m, mode) for m in ("resnet18", "spikformer") for mode in ("train", "infer")}
     assert report["smoke"] and report["commit"] and report["environment"]["versions"]["torch"]
     # What a stage leaves unused passes on (pytest_gpu was skipped: its budget goes to bench_lif).
     assert by_name["bench_lif"]["budget_s"] >= stages.CPU_SMOKE_BUDGETS["bench_lif"] + \
@@ -114,7 +116,7 @@ def test_summary_digests_the_stages(smoke):
     md = (out / "summary.md").read_text()
     assert md.startswith("# GPU validation: ") and "CPU smoke run" in md
     for text in ("| prebuild | ok | ", "| bench_lif | ok | ", "| ncu | skipped | ", "## bench lif (N = 4,099",
-                 "## bench memory", "## Spiking-ResNet18 step"):
+                 "## bench memory", "## Whole-network step", "| spikformer | temporal_fusion | train | "):
         assert text in md
 
 

@@ -22,9 +22,11 @@ from .stage import ROOT, Context, Stage, python, run_process
 # every variant the later stages launch, host and GPU, built in parallel: the later budgets are
 # spent testing and measuring. pytest -m gpu includes the cupy column of the tiny Table 1 runs
 # (its fixture trains the CPU backends too). bench lif: 168 cases (7 T x 3 dtypes x 2 modes x 4
-# methods) at <= 0.5 s of timing each.
-BUDGETS = {"doctor": 70, "prebuild": 90, "pytest_gpu": 60, "bench_lif": 90, "bench_memory": 45, "bench_net": 45,
-           "nccl_smoke": 30, "ncu": 40}
+# methods) at <= 0.5 s of timing each. bench net: Spiking-ResNet18 and the Spikformer, training
+# and inference, <= 10 s of timing per case (estimates, not yet measured on the GPU: 15 s of it
+# came from nccl_smoke and ncu, whose runs are short workloads).
+BUDGETS = {"doctor": 70, "prebuild": 90, "pytest_gpu": 60, "bench_lif": 90, "bench_memory": 45, "bench_net": 60,
+           "nccl_smoke": 25, "ncu": 30}
 CPU_SMOKE_BUDGETS = {"doctor": 120, "prebuild": 240, "pytest_gpu": 60, "bench_lif": 120, "bench_memory": 120,
                      "bench_net": 180, "nccl_smoke": 120, "ncu": 60}
 VARIANTS_FILE = "variants.json"  # the prebuild's plan: {stage: {build: [expression, ...]}}
@@ -150,7 +152,7 @@ PLAN_SIZES = {
             "--check-neurons", "257", "--no-flush"),
     "memory": ("--neurons", "1031", "--T", "2", "--batch", "1", "--image-size", "16"),
     "net": ("--T", "2", "--batch", "2", "--image-size", "16", "--reps", "1", "--min-reps", "1", "--warmup", "0",
-            "--max-seconds", "0.01", "--no-profile"),
+            "--max-seconds", "0.01", "--no-profile", "--dim", "16", "--depth", "1", "--heads", "2"),
 }
 
 
@@ -173,14 +175,15 @@ def bench_memory_args(ctx: Context) -> list[str]:
 
 
 def bench_net_args(ctx: Context) -> list[str]:
-    """Spiking-ResNet18 training and inference step per backend at T = 32."""
+    """Spiking-ResNet18's and a Spikformer's (bench/spikformer.py: clock_driven nodes, dim 256, 2
+    blocks, 8 heads) training and inference step per backend at T = 32."""
     T, batch = (4, 2) if ctx.smoke else (32, 32)
-    args = ["net", "--models", "resnet18", "--T", str(T), "--batch", str(batch),
-            "--methods", "torch,cupy,temporal_fusion", "--max-seconds", "20"]
+    args = ["net", "--models", "resnet18,spikformer", "--T", str(T), "--batch", str(batch),
+            "--methods", "torch,cupy,temporal_fusion", "--max-seconds", "10"]
     if ctx.smoke:  # the orchestration is under test, not the figures
         return args + ["--reps", "1", "--min-reps", "1", "--warmup", "0", "--image-size", "16", "--no-profile",
-                       "--no-plots"]
-    return args + ["--reps", "10", "--warmup", "3"]
+                       "--no-plots", "--dim", "16", "--depth", "1", "--heads", "2"]
+    return args + ["--reps", "10", "--warmup", "3", "--dim", "256", "--depth", "2", "--heads", "8"]
 
 
 BENCH_ARGS = {"bench_lif": bench_lif_args, "bench_memory": bench_memory_args, "bench_net": bench_net_args}

@@ -72,11 +72,13 @@ def _net_digest(out: Path, meta: dict) -> list[str]:
     data = _load(out, f"net-{meta['device']}.json")
     if not data:
         return []
-    lines = [f"## Spiking-ResNet18 step ({data.get('benchmark', 'net')})", "", "| method | mode | median ms | status |",
-             "|---|---|---|---|"]
+    lines = [f"## Whole-network step ({data.get('benchmark', 'net')})", "",
+             "| model | method | mode | median ms | peak MiB | status |", "|---|---|---|---|---|---|"]
     for r in data.get("results", []):
         ms = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else "-"
-        lines.append(f"| {r.get('method')} | {r.get('mode')} | {ms} | {r.get('status')} {r.get('reason') or ''} |")
+        peak = f"{r['peak_mib']:.1f}" if r.get("peak_mib") is not None else "-"
+        lines.append(f"| {r.get('model')} | {r.get('method')} | {r.get('mode')} | {ms} | {peak} | "
+                     f"{r.get('status')} {r.get('reason') or ''} |")
     return lines + [""]
 
 

@@ -76,6 +76,12 @@ NEURON = dict(tau=1.25, decay_input=False, v_threshold=0.3, v_reset=0.0)
 # to the largest gradient. The backends agree to ~1e-6 in fp32 on a first step (tests); a wrong
 # kernel or a dropped gradient shows as O(1).
 GRAD_TOLERANCE = 1e-3
+# Folded BatchNorm rounds the normalisation differently, so a spike whose h lies within rounding
+# of the threshold may flip; in the Spikformer such a flip changes q k^T by a whole spike and
+# cascades: T = 16, batch 4, 28 x 28, fp32: 1 flipped spike of 8e5 in the last patch stage, 134
+# of 2e5 by the MLP, gradients 1.5e-3 of the largest apart, while in fp64 folded and unfolded
+# agree to 6e-15. Still far below the O(1) of a wrong kernel.
+FOLD_GRAD_TOLERANCE = 1e-2
 SPIKFORMER = dict(dim=64, depth=1, heads=4)  # --dim, --depth, --heads
 SPIKFORMER_NEURON = ("clock_driven MultiStepLIFNode(tau=2.0, detach_reset=True), Sigmoid(alpha=4) surrogate, "
                      "v_threshold 1 (the attention LIF 0.5)")
@@ -217,7 +223,8 @@ def check(setups: dict, mode: str) -> dict:
             scale = max(g.abs().max().item() for g in base_grads.values()) or 1.0
             r["grad_rel_diff_vs_torch"] = max((grads[n].double() - base_grads[n].double()).abs().max().item()
                                               for n in base_grads) / scale
-            r["check_ok"] = r["grad_rel_diff_vs_torch"] <= GRAD_TOLERANCE
+            bound = FOLD_GRAD_TOLERANCE if OPTIONS.get(method, {}).get("fold_bn") else GRAD_TOLERANCE
+            r["check_ok"] = r["grad_rel_diff_vs_torch"] <= bound
         else:
             # Inference: outputs are spike counts averaged into a linear layer; one flipped spike
             # near the threshold moves them, so only gross errors fail.
