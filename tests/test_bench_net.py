@@ -148,7 +148,8 @@ def test_cli_spikformer_small(tmp_path):
           "--out", str(tmp_path), "--quiet", "--no-plots"])
     payload = json.loads((tmp_path / "net-cpu.json").read_text())
     rows = {r["method"]: r for r in payload["results"]}
-    assert payload["config"]["spikformer"]["dim"] == 16 and "attention LIF 0.5" in payload["config"]["spikformer"]["neuron"]
+    config = payload["config"]["spikformer"]
+    assert config["dim"] == 16 and "attention LIF 0.5" in config["neuron"]
     assert rows["cupy"]["status"] == "skipped"
     for method in ("torch", "temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn"):
         r = rows[method]
