@@ -2,12 +2,13 @@
 device and launched on PyTorch's current stream of the tensor's device."""
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
 import torch
 
-from . import _nvrtc
+from . import _nvrtc, kernel_params
 # The launch shape in use and the NVRTC options it is compiled with (bench tune swaps all three
 # here); source() and all_name_expressions() are _nvrtc's, named here for existing callers.
 from ._nvrtc import (BLOCK, LANES, MISSING_CUPY, OPTIONS, all_name_expressions, import_cupy,  # noqa: F401
@@ -25,12 +26,15 @@ def _function(expression: str, device_index: int):
         return module, module.get_function(mangled)
 
 
-def _as_kernel_arg(kind: str, value, acc_dtype):
-    if kind == "ptr":
-        return np.uint64(0 if value is None else value.data_ptr())
-    if kind == "acc":
-        return acc_dtype(value)
-    return np.int64(value) if kind == "ll" else np.int32(value)
+# The numpy scalar CuPy passes for each ctypes type kernel_params packs: the same bytes.
+_NUMPY = {ctypes.c_void_p: np.uint64, ctypes.c_int: np.int32, ctypes.c_longlong: np.int64,
+          ctypes.c_float: np.float32, ctypes.c_double: np.float64}
+
+
+def kernel_args(expression: str, args, acc_is_double: bool) -> tuple:
+    """The kernel arguments of one launch: the parameters packed by name as the host build packs
+    them (``kernel_params.pack``), each as the numpy scalar of its C type."""
+    return tuple(_NUMPY[type(v)](v.value or 0) for v in kernel_params.pack(expression, args, acc_is_double))
 
 
 class _StreamHandle:
@@ -57,14 +61,14 @@ def _cupy_stream(stream_ptr: int, device_index: int):
 
 
 def launch(expression: str, device: torch.device, n: int, args, acc_is_double: bool) -> None:
-    """Launch ``expression`` over ``n`` neurons on the current PyTorch stream of ``device``."""
+    """Launch ``expression`` over ``n`` neurons on the current PyTorch stream of ``device``;
+    ``args``: the kernel's parameters by name (``_host.launch``)."""
     cupy = import_cupy()
-    acc_dtype = np.float64 if acc_is_double else np.float32
-    kernel_args = tuple(_as_kernel_arg(kind, value, acc_dtype) for kind, value in args)
+    packed = kernel_args(expression, args, acc_is_double)
     threads = -(-n // LANES)
     blocks = max(1, -(-threads // BLOCK))
     index = device.index if device.index is not None else torch.cuda.current_device()
     _, function = _function(expression, index)
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), _cupy_stream(stream.cuda_stream, index):
-        function((blocks,), (BLOCK,), kernel_args)
+        function((blocks,), (BLOCK,), packed)

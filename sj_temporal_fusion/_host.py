@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from filelock import FileLock, Timeout
 
-from . import _cache
+from . import _cache, kernel_params
 
 CSRC = Path(__file__).parent / "csrc"
 # 64 contiguous lanes per emulated thread: the lane loop vectorises (fp32 forward at T=32,
@@ -41,7 +41,6 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fn
 # glibc's vector math library (x86-64 Linux): SIMD expf/exp for the lane loops.
 LIBMVEC = (("-DTF_LIBMVEC",), ("-lmvec",)) if (
     platform.system() == "Linux" and platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc") else ((), ())
-_ARG_TYPES = {"acc32": ctypes.c_float, "acc64": ctypes.c_double, "int": ctypes.c_int, "ll": ctypes.c_longlong}
 _emulate_gpu = False
 _announced = False
 
@@ -249,17 +248,13 @@ def prebuild(expressions: Iterable[str], emulate_gpu: bool = False, count_bytes:
 
 
 def launch(expression: str, n: int, args, acc_is_double: bool, count_bytes: bool = False) -> ctypes.CDLL:
-    """Run variant ``expression`` over ``n`` neurons; ``args`` are (kind, value) pairs in the
-    kernel's parameter order, kinds ptr (tensor or None), acc, int, ll. Returns the library (the
-    counting build's byte counters are read from it)."""
+    """Run variant ``expression`` over ``n`` neurons; ``args`` maps each of the kernel's parameters
+    to its value by name (``kernel_params.FIELDS``: a tensor or None for a pointer, a number
+    otherwise). Returns the library (the counting build's byte counters are read from it)."""
     lib, launcher = library(expression, _emulate_gpu, count_bytes)
-    values = []
-    for kind, value in args:
-        if kind == "ptr":
-            values.append(ctypes.c_void_p(None if value is None else value.data_ptr()))
-        else:
-            values.append(_ARG_TYPES[("acc64" if acc_is_double else "acc32") if kind == "acc" else kind](value))
-    packed = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    values = kernel_params.pack(expression, args, acc_is_double)
+    # cuLaunchKernel's convention, as host_launch_packed reads it: a pointer to each parameter.
+    packed = (ctypes.c_void_p * len(values))(*map(ctypes.addressof, values))
     per_block = EMULATED_BLOCK * EMULATED_LANES if _emulate_gpu else LANES
     threads = 1 if count_bytes else torch.get_num_threads()
     if count_bytes:

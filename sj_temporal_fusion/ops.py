@@ -43,8 +43,9 @@ def num_checkpoints(T: int, model: str = "lif") -> int:
     return -(-T // REGISTRY[model].chunk)
 
 
-def launch(expression: str, x: Tensor, args) -> None:
-    """The one place a kernel is launched: GPU build for CUDA tensors, host build otherwise."""
+def launch(expression: str, x: Tensor, args: dict) -> None:
+    """The one place a kernel is launched: GPU build for CUDA tensors, host build otherwise.
+    ``args``: the kernel's parameters by name (``kernel_params.FIELDS``)."""
     n = x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else 0
     if x.is_cuda:
         _cuda.launch(expression, x.device, n, args, x.dtype == torch.float64)
@@ -82,9 +83,9 @@ def _check_fold(x: Tensor, bn_scale: Optional[Tensor], bn_shift: Optional[Tensor
     return True
 
 
-def _fold_args(fold: bool, bn_scale, bn_shift, inner: int, channels: int) -> list:
-    return [("ptr", bn_scale if fold else None), ("ptr", bn_shift if fold else None), ("ll", inner if fold else 1),
-            ("int", channels if fold else 1)]
+def _fold_args(fold: bool, bn_scale, bn_shift, inner: int, channels: int) -> dict:
+    return dict(bn_scale=bn_scale if fold else None, bn_shift=bn_shift if fold else None,
+                bn_inner=inner if fold else 1, bn_channels=channels if fold else 1)
 
 
 def _empty_state(x: Tensor) -> Tensor:
@@ -119,11 +120,11 @@ def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, 
     fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
     spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, model, store_v_seq, save_checkpoints)
     two = m.num_states == 2
-    launch(forward_variant(m, x.dtype, form, fold), x, [
-        ("ptr", x), ("ptr", v_init), ("ptr", aux_init if two else None), ("ptr", spike), ("ptr", v_last),
-        ("ptr", aux_last if two else None), ("ptr", v_seq if store_v_seq else None),
-        ("ptr", checkpoints if save_checkpoints else None), ("ptr", params), ("int", x.shape[0]),
-        ("ll", x[0].numel())] + _fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels))
+    launch(forward_variant(m, x.dtype, form, fold), x, dict(
+        x=x, v_init=v_init, aux_init=aux_init if two else None, spike=spike, v_last=v_last,
+        aux_last=aux_last if two else None, v_seq=v_seq if store_v_seq else None,
+        checkpoints=checkpoints if save_checkpoints else None, params=params, T=x.shape[0], N=x[0].numel(),
+        **_fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels)))
     return spike, v_last, aux_last, v_seq, checkpoints
 
 
@@ -169,13 +170,14 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
     outs = _backward_outputs(x, m.num_states, len(m.params), grad_params_mask, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
     two = m.num_states == 2
-    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold, shard=want_a or not want_grad_x), x, [
-        ("ptr", grad_spike), ("ptr", grad_v_seq), ("ptr", grad_v_last), ("ptr", grad_aux_last if two else None),
-        ("ptr", x), ("ptr", checkpoints), ("ptr", params), ("ptr", grad_x if want_grad_x else None),
-        ("ptr", grad_v_init), ("ptr", grad_aux_init if two else None),
-        ("ptr", grad_params if param_grads else None), ("int", grad_params_mask),
-        ("ptr", a_prod if want_a else None), ("acc", surrogate_a), ("acc", surrogate_b),
-        ("int", x.shape[0]), ("ll", x[0].numel())] + _fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels))
+    launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold, shard=want_a or not want_grad_x), x, dict(
+        grad_spike=grad_spike, grad_v_seq=grad_v_seq, grad_v_last=grad_v_last,
+        grad_aux_last=grad_aux_last if two else None, x=x, checkpoints=checkpoints, params=params,
+        grad_x=grad_x if want_grad_x else None, grad_v_init=grad_v_init,
+        grad_aux_init=grad_aux_init if two else None, grad_params=grad_params if param_grads else None,
+        grad_params_mask=grad_params_mask, a_prod=a_prod if want_a else None, sg_a=surrogate_a,
+        sg_b=surrogate_b, T=x.shape[0], N=x[0].numel(),
+        **_fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels)))
     return outs
 
 
@@ -200,9 +202,9 @@ def neuron_fixup(x: Tensor, v_true_init: Tensor, checkpoints: Tensor, spike: Ten
                          f"needs one")
     _check_params(params, model, x)
     fixup_len = torch.empty((x[0].numel(),), dtype=torch.int32, device=x.device)
-    launch(fixup_variant(m, x.dtype, form), x, [
-        ("ptr", x), ("ptr", v_true_init), ("ptr", checkpoints), ("ptr", spike), ("ptr", v_seq),
-        ("ptr", v_last), ("ptr", fixup_len), ("ptr", params), ("int", x.shape[0]), ("ll", x[0].numel())])
+    launch(fixup_variant(m, x.dtype, form), x, dict(
+        x=x, v_true_init=v_true_init, checkpoints=checkpoints, spike=spike, v_seq=v_seq, v_last=v_last,
+        fixup_len=fixup_len, params=params, T=x.shape[0], N=x[0].numel()))
     return fixup_len
 
 

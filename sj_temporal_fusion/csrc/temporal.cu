@@ -13,12 +13,14 @@
 //   neuron_fixup     time sharding: re-runs a slice from its true initial state beside the
 //                    speculative run until their pre-spike h agree bitwise (one state variable).
 // States and checkpoints are in the state precision (fp32 for fp16/bf16/fp32, fp64 for fp64),
-// laid out (S, N) and (chunks, S, N); a single step ('s' mode) is T = 1.
+// laid out (S, N) and (chunks, S, N); a single step ('s' mode) is T = 1. Each kernel's parameters
+// are its list in params.cuh (TF_SIGNATURE), which the launchers fill by name.
 //
 // GPU-only lines (everything else runs on the CPU in the host build, the GPU's loop shapes in its
 // TF_EMULATE_GPU variant): the fp16 conversions' inline PTX in common/fp.cuh, and blockIdx /
 // blockDim / threadIdx being hardware registers.
 #include "common/lanes.cuh"
+#include "params.cuh"
 #include "surrogate.cuh"
 
 #define TF_RUNTIME -1  // template argument: decide at run time (the pointer is tested)
@@ -36,8 +38,6 @@
 #define TF_KERNEL __global__
 #define TF_KERNEL_BACKWARD __global__
 #endif
-
-template <typename scalar_t> using acc_type = typename acc_of<scalar_t>::type;
 
 template <class M, typename acc_t>
 TF_HD void load_params(const acc_t* __restrict__ params, acc_t* p) {
@@ -131,18 +131,7 @@ TF_UNROLL
 }
 
 template <class M, typename scalar_t, int FORM, bool FOLD = false>
-TF_KERNEL void neuron_forward(const scalar_t* __restrict__ x,
-                               const acc_type<scalar_t>* __restrict__ v_init,
-                               const acc_type<scalar_t>* __restrict__ aux_init,  // S = 2
-                               scalar_t* __restrict__ spike,
-                               acc_type<scalar_t>* __restrict__ v_last,
-                               acc_type<scalar_t>* __restrict__ aux_last,        // S = 2
-                               scalar_t* __restrict__ v_seq,                     // nullable
-                               acc_type<scalar_t>* __restrict__ checkpoints,     // nullable
-                               const acc_type<scalar_t>* __restrict__ params, int T, long long N,
-                               const acc_type<scalar_t>* __restrict__ bn_scale,  // FOLD
-                               const acc_type<scalar_t>* __restrict__ bn_shift,  // FOLD
-                               long long bn_inner, int bn_channels) {
+TF_KERNEL void neuron_forward(TF_SIGNATURE(TF_FORWARD_PARAMS)) {
   typedef acc_type<scalar_t> acc_t;
   const LaneRange lanes = lane_range(N);
   if (lanes.count == 0) return;
@@ -254,23 +243,7 @@ TF_UNROLL
 // SHARD: the time-sharded node's variant (grad_x optional, the carry factor a_prod), separate so
 // that the plain backward does not pay its registers.
 template <class M, typename scalar_t, int SG, int FORM, bool PGRAD, bool FOLD = false, bool SHARD = false>
-TF_KERNEL_BACKWARD void neuron_backward(const scalar_t* __restrict__ grad_spike,
-                                const scalar_t* __restrict__ grad_v_seq,             // nullable
-                                const acc_type<scalar_t>* __restrict__ grad_v_last,    // nullable
-                                const acc_type<scalar_t>* __restrict__ grad_aux_last,  // nullable
-                                const scalar_t* __restrict__ x,
-                                const acc_type<scalar_t>* __restrict__ checkpoints,
-                                const acc_type<scalar_t>* __restrict__ params,
-                                scalar_t* __restrict__ grad_x,                      // nullable
-                                acc_type<scalar_t>* __restrict__ grad_v_init,
-                                acc_type<scalar_t>* __restrict__ grad_aux_init,     // S = 2
-                                acc_type<scalar_t>* __restrict__ grad_params,       // (rows, N) if PGRAD
-                                int grad_params_mask,                               // entries to write
-                                acc_type<scalar_t>* __restrict__ a_prod,            // nullable, S = 1
-                                acc_type<scalar_t> sg_a, acc_type<scalar_t> sg_b, int T, long long N,
-                                const acc_type<scalar_t>* __restrict__ bn_scale,    // FOLD
-                                const acc_type<scalar_t>* __restrict__ bn_shift,    // FOLD
-                                long long bn_inner, int bn_channels) {
+TF_KERNEL_BACKWARD void neuron_backward(TF_SIGNATURE(TF_BACKWARD_PARAMS)) {
   typedef acc_type<scalar_t> acc_t;
   const LaneRange lanes = lane_range(N);
   if (lanes.count == 0) return;
@@ -333,14 +306,7 @@ TF_HD bool same_bits(double a, double b) {
 // whose h matched (steps before it were rewritten), or T if none did. With one state variable equal
 // h means equal spike and state from that step on; a model with more state cannot use it.
 template <class M, typename scalar_t, int FORM>
-TF_KERNEL void neuron_fixup(const scalar_t* __restrict__ x,
-                             const acc_type<scalar_t>* __restrict__ v_true_init,
-                             acc_type<scalar_t>* __restrict__ checkpoints,
-                             scalar_t* __restrict__ spike,
-                             scalar_t* __restrict__ v_seq,  // nullable
-                             acc_type<scalar_t>* __restrict__ v_last,
-                             int* __restrict__ fixup_len,
-                             const acc_type<scalar_t>* __restrict__ params, int T, long long N) {
+TF_KERNEL void neuron_fixup(TF_SIGNATURE(TF_FIXUP_PARAMS)) {
   static_assert(M::S == 1, "the speculative fix-up needs a model with one state variable");
   typedef acc_type<scalar_t> acc_t;
   const LaneRange r = lane_range(N);
