@@ -21,7 +21,7 @@ Layouts: x and sequences (T, *); states (*) each, in the state dtype; v is the f
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -224,15 +224,45 @@ def summed_param_grads(grad_params: Tensor, mask: int, params: Tensor) -> Option
     return total
 
 
+def input_names(schema) -> tuple[str, ...]:
+    """An op's inputs in its schema's order: autograd orders ``needs_input_grad`` and the
+    gradients it expects back so."""
+    return tuple(a.name for a in schema.arguments)
+
+
+def needs_grad(ctx, inputs: Sequence[str]) -> dict[str, bool]:
+    """``ctx.needs_input_grad`` by input name (``inputs``: the names in autograd's order)."""
+    return dict(zip(inputs, ctx.needs_input_grad))
+
+
+def gradients(inputs: Sequence[str], **grads) -> tuple:
+    """The gradients autograd expects, one per input in ``inputs``' order, from ``grads`` by name
+    (None for the inputs not named). A name that is not an input is an error, so a renamed input
+    cannot lose its gradient silently."""
+    unknown = sorted(set(grads) - set(inputs))
+    if unknown:
+        raise TypeError(f"gradients for {unknown}, which are not among the inputs {list(inputs)}: "
+                        f"name them as the forward's signature does")
+    return tuple(grads.get(name) for name in inputs)
+
+
+_FORWARD_SCHEMA = torch.ops.sj_temporal_fusion.neuron_forward.default._schema
+_FORWARD_INPUTS = input_names(_FORWARD_SCHEMA)
+# Inputs a caller may leave out; setup_context may then see them missing.
+_FORWARD_DEFAULTS = {a.name: a.default_value for a in _FORWARD_SCHEMA.arguments if a.has_default_value()}
+
+
 def _setup_context(ctx, inputs, output):
-    (x, _, _, params, model, _, backward_form, surrogate_id, surrogate_a, surrogate_b, mask, _, _,
-     *fold) = inputs
-    bn_scale, bn_shift, bn_inner, bn_channels = fold + [None, None, 1, 1][len(fold):]
-    ctx.options = (model, backward_form, surrogate_id, surrogate_a, surrogate_b, mask)
+    args = {**_FORWARD_DEFAULTS, **dict(zip(_FORWARD_INPUTS, inputs))}
+    x, params, mask = args["x"], args["params"], args["param_grad_mask"]
+    bn_scale, bn_shift, bn_inner, bn_channels = (args[k] for k in ("bn_scale", "bn_shift", "bn_inner", "bn_channels"))
+    ctx.options = (args["model"], args["backward_form"], args["surrogate_id"], args["surrogate_a"],
+                   args["surrogate_b"], mask)
     ctx.fold = (bn_inner, bn_channels) if bn_scale is not None else None
+    _spike, _v_last, _aux_last, _v_seq, checkpoints = output
     # Folded: x is the BatchNorm's input, the only activation kept (x_eff is recomputed).
-    ctx.save_for_backward(x, output[4], params, bn_scale, bn_shift)
-    ctx.mark_non_differentiable(output[4])
+    ctx.save_for_backward(x, checkpoints, params, bn_scale, bn_shift)
+    ctx.mark_non_differentiable(checkpoints)
     # An unused output (v_seq, the final state) then arrives as None, not as zeros the backward reads.
     ctx.set_materialize_grads(False)
 
@@ -244,23 +274,29 @@ def _present(grad: Optional[Tensor]) -> Optional[Tensor]:
 def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_checkpoints):
     x, checkpoints, params, bn_scale, bn_shift = ctx.saved_tensors
     model, form, surrogate_id, surrogate_a, surrogate_b, mask = ctx.options
-    fold = () if ctx.fold is None else (bn_scale, bn_shift) + ctx.fold
+    fold = {} if ctx.fold is None else dict(zip(("bn_scale", "bn_shift", "bn_inner", "bn_channels"),
+                                                (bn_scale, bn_shift) + ctx.fold))
     if checkpoints.numel() == 0:
         raise RuntimeError(
             "sj_temporal_fusion::neuron_forward ran with save_checkpoints=False, so it cannot be "
             "differentiated; call functional.neuron_multi_step, which saves them when grad is needed")
     if grad_spike is None:
         grad_spike = torch.zeros_like(x)
-    mask = mask if ctx.needs_input_grad[3] else 0
+    needs = needs_grad(ctx, _FORWARD_INPUTS)
+    mask = mask if needs["params"] else 0
     grad_x, grad_v_init, grad_aux_init, grad_params, _ = neuron_backward(
-        grad_spike.contiguous(), _present(grad_v_seq), _present(grad_v_last), _present(grad_aux_last), x,
-        checkpoints, params, model, form, surrogate_id, surrogate_a, surrogate_b, mask, True, False, *fold)
+        grad_spike=grad_spike.contiguous(), grad_v_seq=_present(grad_v_seq), grad_v_last=_present(grad_v_last),
+        grad_aux_last=_present(grad_aux_last), x=x, checkpoints=checkpoints, params=params, model=model, form=form,
+        surrogate_id=surrogate_id, surrogate_a=surrogate_a, surrogate_b=surrogate_b, grad_params_mask=mask,
+        want_grad_x=True, want_a=False, **fold)
     grad_aux = grad_aux_init if grad_aux_init.numel() else None
     grad_scale = grad_shift = None
     if fold:
-        grad_x, grad_scale, grad_shift = _affine_backward(grad_x, x, bn_scale, *ctx.fold, ctx.needs_input_grad[13:15])
-    return ((grad_x, grad_v_init, grad_aux, summed_param_grads(grad_params, mask, params)) + (None,) * 9
-            + (grad_scale, grad_shift, None, None))
+        grad_x, grad_scale, grad_shift = _affine_backward(grad_x, x, bn_scale, *ctx.fold,
+                                                          (needs.get("bn_scale"), needs.get("bn_shift")))
+    return gradients(_FORWARD_INPUTS, x=grad_x, v_init=grad_v_init, aux_init=grad_aux,
+                     params=summed_param_grads(grad_params, mask, params), bn_scale=grad_scale,
+                     bn_shift=grad_shift)
 
 
 def _affine_backward(grad_y: Tensor, x: Tensor, scale: Tensor, inner: int, channels: int, needs) -> tuple:

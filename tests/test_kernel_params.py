@@ -245,3 +245,47 @@ def test_gpu_launch_passes_kernel_args_to_the_function(monkeypatch):
     assert grid == (max(1, -(-(-(-5 // _cuda.LANES)) // _cuda.BLOCK)),) and block == (_cuda.BLOCK,)
     expected = _cuda.kernel_args(expression, args, False)
     assert [a.tobytes() for a in packed] == [a.tobytes() for a in expected]
+
+
+# ------------------------------------------------------------------ gradients by input name
+
+def test_autograd_inputs_come_from_the_op_schema():
+    schema = torch.ops.sj_temporal_fusion.neuron_forward.default._schema
+    assert ops._FORWARD_INPUTS == tuple(a.name for a in schema.arguments)
+    grads = ops.gradients(ops._FORWARD_INPUTS, x="gx", params="gp", bn_shift="gs")
+    assert len(grads) == len(schema.arguments)
+    assert {ops._FORWARD_INPUTS[i]: g for i, g in enumerate(grads) if g is not None} == {
+        "x": "gx", "params": "gp", "bn_shift": "gs"}
+    with pytest.raises(TypeError, match=r"gradients for \['bn_offset'\], which are not among the inputs"):
+        ops.gradients(ops._FORWARD_INPUTS, bn_offset=None)
+
+
+def test_folded_gradients_reach_their_inputs():
+    """The registered backward's gradients land on the inputs they belong to (by schema name):
+    x, params, bn_scale and bn_shift, against the same op run on x_eff = x * scale + shift."""
+    from sj_temporal_fusion.functional import parameter_tensor
+    g = torch.Generator().manual_seed(0)
+    T, B, C, inner = 3, 2, 3, 4
+    x = torch.randn(T, B, C, inner, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    shift = (torch.randn(C, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    m = REGISTRY["lif"]
+    options = dict(m.defaults, tau=2.0)
+    p_fold, p_ref = (parameter_tensor(m.param_values(options), torch.float64, x.device)[0].clone().requires_grad_()
+                     for _ in range(2))
+    v0 = torch.zeros(B, C, inner, dtype=torch.float64)
+
+    def run(x, params, **fold):
+        return ops.neuron_forward(
+            x=x, v_init=v0, aux_init=v0.new_empty(0), params=params, model="lif", form=m.forward_form(options),
+            backward_form=m.form(options), surrogate_id=DEFAULT_ID, surrogate_a=4.0, surrogate_b=0.0,
+            param_grad_mask=(1 << params.shape[0]) - 1, store_v_seq=True, save_checkpoints=True, **fold)
+
+    x_eff = (x * scale.view(1, 1, C, 1) + shift.view(1, 1, C, 1)).detach().requires_grad_()
+    w = torch.randn(T, B, C, inner, generator=g, dtype=torch.float64)
+    (run(x, p_fold, bn_scale=scale, bn_shift=shift, bn_inner=inner, bn_channels=C)[3] * w).sum().backward()
+    (run(x_eff, p_ref)[3] * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_eff.grad * scale.view(1, 1, C, 1))
+    torch.testing.assert_close(scale.grad, (x_eff.grad * x).sum((0, 1, 3)))
+    torch.testing.assert_close(shift.grad, x_eff.grad.sum((0, 1, 3)))
+    torch.testing.assert_close(p_fold.grad, p_ref.grad)

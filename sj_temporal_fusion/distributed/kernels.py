@@ -62,8 +62,10 @@ def shard_forward(x: Tensor, v_init: Tensor, spec: NeuronSpec, params: Tensor, s
     None, checkpoints (ceil(T / chunk), 1, N) state dtype or None
     (``chunk``: the model's checkpoint interval, ``REGISTRY[spec.model].chunk``)."""
     spike, v_last, _, v_seq, checkpoints = ops.neuron_forward(
-        x, v_init, v_init.new_empty((0,)), params, spec.model, spec.form, spec.backward_form, spec.surrogate_id,
-        spec.surrogate_a, spec.surrogate_b, 0, store_v_seq, save_checkpoints)
+        x=x, v_init=v_init, aux_init=v_init.new_empty((0,)), params=params, model=spec.model, form=spec.form,
+        backward_form=spec.backward_form, surrogate_id=spec.surrogate_id, surrogate_a=spec.surrogate_a,
+        surrogate_b=spec.surrogate_b, param_grad_mask=0, store_v_seq=store_v_seq,
+        save_checkpoints=save_checkpoints)
     return spike, v_last, v_seq if store_v_seq else None, checkpoints if save_checkpoints else None
 
 
@@ -72,7 +74,8 @@ def shard_fixup(x: Tensor, v_true: Tensor, checkpoints: Tensor, spike: Tensor, v
     """Rewrites ``spike``, ``v_seq``, ``checkpoints`` and ``v_last`` (the speculative run's, in
     place) into the run from ``v_true`` (N,). Returns the fix-up length per neuron (N,) int32:
     the first step whose pre-spike h equals the speculative one bitwise, or T if none does."""
-    return ops.neuron_fixup(x, v_true, checkpoints, spike, v_seq, v_last, params, spec.model, spec.form)
+    return ops.neuron_fixup(x=x, v_true_init=v_true, checkpoints=checkpoints, spike=spike, v_seq=v_seq,
+                            v_last=v_last, params=params, model=spec.model, form=spec.form)
 
 
 def shard_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
@@ -88,8 +91,10 @@ def shard_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last
         if part is not None:
             carry = part.to(acc) if carry is None else carry + part.to(acc)
     grad_x, grad_v_init, _, grad_params, a_prod = ops.neuron_backward(
-        grad_spike.contiguous(), grad_v_seq, None if carry is None else carry.contiguous(), None, x, checkpoints,
-        params, spec.model, spec.backward_form, spec.surrogate_id, spec.surrogate_a, spec.surrogate_b,
-        param_grad_mask, want_grad_x, want_a)
+        grad_spike=grad_spike.contiguous(), grad_v_seq=grad_v_seq,
+        grad_v_last=None if carry is None else carry.contiguous(), grad_aux_last=None, x=x, checkpoints=checkpoints,
+        params=params, model=spec.model, form=spec.backward_form, surrogate_id=spec.surrogate_id,
+        surrogate_a=spec.surrogate_a, surrogate_b=spec.surrogate_b, grad_params_mask=param_grad_mask,
+        want_grad_x=want_grad_x, want_a=want_a)
     return ((grad_x if want_grad_x else None), grad_v_init, (a_prod if want_a else None),
             ops.summed_param_grads(grad_params, param_grad_mask, params))

@@ -20,6 +20,7 @@ rank but 0 first runs a backward without grad_x that also returns A = prod a_t, 
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 import zlib
@@ -133,12 +134,17 @@ class _ShardedNeuron(torch.autograd.Function):
         carry = exclusive_affine_scan(own, transport, layer.layer_id * TAG_STRIDE,
                                       layer.describe("backward"), layer.timeout,
                                       like=x.new_empty((N,), dtype=acc))
-        mask = ctx.param_mask if ctx.needs_input_grad[2] else 0
+        needs = ops.needs_grad(ctx, _SHARDED_INPUTS)
+        mask = ctx.param_mask if needs["params"] else 0
         grad_x, grad_v0, _, grad_params = kernels.shard_backward(
             grad_spike, g_seq, g_last, carry, x, checkpoints, spec, params, True, False, mask)
         transport.flush()  # the scan's sends, so a rank whose neighbour died fails too
-        grad_v0 = grad_v0 if ctx.needs_input_grad[1] else None
-        return grad_x, grad_v0, grad_params, None, None, None, None, None, None
+        return ops.gradients(_SHARDED_INPUTS, x=grad_x, v0=grad_v0 if needs["v0"] else None,
+                             params=grad_params)
+
+
+# forward's inputs after ctx, by name: they index needs_input_grad and the backward's gradients.
+_SHARDED_INPUTS = tuple(inspect.signature(_ShardedNeuron.forward).parameters)[1:]
 
 
 class TimeShardedNode(nn.Module):
