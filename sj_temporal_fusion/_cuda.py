@@ -32,9 +32,9 @@ _NUMPY = {ctypes.c_void_p: np.uint64, ctypes.c_int: np.int32, ctypes.c_longlong:
 
 
 def kernel_args(expression: str, args, acc_is_double: bool) -> tuple:
-    """The kernel arguments of one launch: the parameters packed by name as the host build packs
-    them (``kernel_params.pack``), each as the numpy scalar of its C type."""
-    return tuple(_NUMPY[type(v)](v.value or 0) for v in kernel_params.pack(expression, args, acc_is_double))
+    """The kernel arguments of one launch: the parameters by name as the host build packs them
+    (``kernel_params.values``), each as the numpy scalar of its C type."""
+    return tuple(_NUMPY[ctype_t](value) for ctype_t, value in kernel_params.values(expression, args, acc_is_double))
 
 
 class _StreamHandle:

@@ -13,6 +13,7 @@ whatever it points to, its ``__restrict__`` left out here."""
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Mapping
 
 import torch
@@ -98,46 +99,68 @@ def ctype_of(ctype: str, acc_is_double: bool):
     return _VALUES[ctype]
 
 
-def _pointer(kernel: str, ctype: str, name: str, value, acc_is_double: bool, scalar: list) -> int:
-    """A pointer parameter's address (0 for None), after checking the tensor's dtype against what
-    the parameter points to (``scalar``: the launch's scalar_t dtype, once one tensor fixed it)."""
-    if value is None:
-        return 0
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{kernel} parameter {name} ({ctype}) takes a tensor or None, got {type(value).__name__}")
-    pointee = ctype.removeprefix("const ").removesuffix("*").strip()
-    if pointee == "scalar_t":
-        allowed = tuple(scalar) or _SCALARS[acc_is_double]
-    else:
-        allowed = {"acc_t": (torch.float64 if acc_is_double else torch.float32,), "int": (torch.int32,)}[pointee]
-    if value.dtype not in allowed:
-        raise TypeError(f"{kernel} parameter {name} ({ctype}) must point to {' or '.join(map(str, allowed))} in "
-                        f"this launch, got a {value.dtype} tensor: pass the tensor that parameter names")
-    if pointee == "scalar_t":
-        scalar[:] = [value.dtype]
-    return value.data_ptr()
+@functools.lru_cache(maxsize=None)
+def _plan(kernel: str, acc_is_double: bool) -> tuple:
+    """Per parameter: (name, C type, ctypes type, the dtypes a tensor for it may hold (None for a
+    number), whether it points to scalar_t, the integer range it holds (None for floats and
+    pointers)); worked out once per kernel and precision, as launches are frequent."""
+    acc = torch.float64 if acc_is_double else torch.float32
+    pointees = {"scalar_t": _SCALARS[acc_is_double], "acc_t": (acc,), "int": (torch.int32,)}
+    plan = []
+    for ctype, name in FIELDS[kernel]:
+        ctype_t = ctype_of(ctype, acc_is_double)
+        pointee = ctype.removeprefix("const ").removesuffix("*").strip() if ctype.endswith("*") else None
+        bits = 8 * ctypes.sizeof(ctype_t)
+        plan.append((name, ctype, ctype_t, pointees[pointee] if pointee else None, pointee == "scalar_t",
+                     range(-2 ** (bits - 1), 2 ** (bits - 1)) if ctype in _VALUES else None))
+    return tuple(plan)
+
+
+def _wrong_names(kernel: str, args: Mapping[str, object]) -> TypeError:
+    names = [name for _, name in FIELDS[kernel]]
+    missing, unknown = [n for n in names if n not in args], [n for n in args if n not in names]
+    got = "; ".join(([f"no {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else []))
+    return TypeError(f"{kernel}'s parameters (csrc/params.cuh) are {', '.join(names)}; got {got}: name every "
+                     f"parameter, None for an unused pointer")
+
+
+def values(expression: str, args: Mapping[str, object], acc_is_double: bool) -> list:
+    """[(ctypes type, value), ...] of variant ``expression`` in the kernel's parameter order, from
+    ``args``: one entry per parameter by name (a tensor or None for a pointer, a number
+    otherwise); a pointer's value is its address (0 for None)."""
+    kernel = kernel_of(expression)
+    plan = _plan(kernel, acc_is_double)
+    if len(args) != len(plan):
+        raise _wrong_names(kernel, args)
+    scalar = None  # the launch's scalar_t dtype, once a tensor fixed it
+    out = []
+    for name, ctype, ctype_t, allowed, is_scalar, integers in plan:
+        try:
+            value = args[name]
+        except KeyError:  # as many names as parameters, so one of them is unknown too
+            raise _wrong_names(kernel, args) from None
+        if allowed is not None:
+            if value is None:
+                value = 0
+            elif not isinstance(value, torch.Tensor):
+                raise TypeError(f"{kernel} parameter {name} ({ctype}) takes a tensor or None, got "
+                                f"{type(value).__name__}")
+            else:
+                if is_scalar and scalar is not None:
+                    allowed = (scalar,)
+                if value.dtype not in allowed:
+                    raise TypeError(f"{kernel} parameter {name} ({ctype}) must point to "
+                                    f"{' or '.join(map(str, allowed))} in this launch, got a {value.dtype} tensor: "
+                                    f"pass the tensor that parameter names")
+                if is_scalar:
+                    scalar = value.dtype
+                value = value.data_ptr()
+        elif integers is not None and value not in integers:  # ctypes would wrap it silently
+            raise OverflowError(f"{kernel} parameter {name} ({ctype}) cannot hold {value}")
+        out.append((ctype_t, value))
+    return out
 
 
 def pack(expression: str, args: Mapping[str, object], acc_is_double: bool) -> list:
-    """The parameters of variant ``expression`` as ctypes values in the kernel's order, from
-    ``args``: one entry per parameter by name (a tensor or None for a pointer, a number
-    otherwise)."""
-    kernel = kernel_of(expression)
-    names = [name for _, name in FIELDS[kernel]]
-    missing, unknown = [n for n in names if n not in args], [n for n in args if n not in names]
-    if missing or unknown:
-        got = "; ".join(([f"no {', '.join(missing)}"] if missing else [])
-                        + ([f"unknown {', '.join(unknown)}"] if unknown else []))
-        raise TypeError(f"{kernel}'s parameters (csrc/params.cuh) are {', '.join(names)}; got {got}: name "
-                        f"every parameter, None for an unused pointer")
-    scalar: list = []
-    values = []
-    for ctype, name in FIELDS[kernel]:
-        value = args[name]
-        if ctype.endswith("*"):
-            value = _pointer(kernel, ctype, name, value, acc_is_double, scalar)
-        packed = ctype_of(ctype, acc_is_double)(value)
-        if ctype in _VALUES and packed.value != value:  # ctypes wraps an integer silently
-            raise OverflowError(f"{kernel} parameter {name} ({ctype}) cannot hold {value}")
-        values.append(packed)
-    return values
+    """``values`` as ctypes values: what the host build's launcher points the kernel at."""
+    return [ctype_t(value) for ctype_t, value in values(expression, args, acc_is_double)]
