@@ -1,5 +1,6 @@
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
@@ -84,11 +85,18 @@ def quick_subset(items) -> list:
     return [item for item in items if id(item) in keep]
 
 
+def _uses_package_resources(item) -> bool:
+    return "package_resources" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--quick"):
         selected = quick_subset(items)
         config.hook.pytest_deselected(items=[item for item in items if item not in set(selected)])
         items[:] = selected
+    # The tests of every GPU variant's machine code run last: their compile starts in the
+    # background when the run starts (pytest_collection_finish) and overlaps everything else.
+    items.sort(key=_uses_package_resources)
     if has_cuda():
         return
     reason = "needs a CUDA device and CuPy (this machine has " + (
@@ -111,9 +119,15 @@ def require_nvrtc():
 
 def pytest_collection_finish(session):
     """Build the host kernel variants the selected tests declare (tests/_prebuild.py) before they
-    run: batched and in parallel, several times faster than one at a time from an empty cache."""
+    run: batched and in parallel, several times faster than one at a time from an empty cache;
+    then start the GPU machine-code compile in the background if selected tests need it."""
     if session.config.option.collectonly or not session.items:
         return
+    _prebuild_host_variants(session)
+    _start_package_resources(session)
+
+
+def _prebuild_host_variants(session):
     from sj_temporal_fusion import _host
     from _prebuild import declared_by_flags
     wanted = declared_by_flags(session.items)
@@ -129,6 +143,34 @@ def pytest_collection_finish(session):
 
 
 _PREBUILT = pytest.StashKey[tuple]()
+_PACKAGE_RESOURCES = pytest.StashKey[Future]()
+
+
+def _start_package_resources(session):
+    """Every GPU variant through NVRTC and ptxas for sm_80 and sm_90 is minutes of CPU on one
+    thread per architecture, while most tests keep one core busy: when selected tests need it
+    (the ``package_resources`` fixture), it starts now, in the background, after the host
+    prebuild."""
+    if session.config.option.collectonly or not any(map(_uses_package_resources, session.items)):
+        return
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception:
+        return  # the fixture skips, saying why
+    from sj_temporal_fusion import _sass
+    pool = ThreadPoolExecutor(max_workers=1)
+    session.config.stash[_PACKAGE_RESOURCES] = pool.submit(_sass.package_resources, _sass.ARCHS)
+    pool.shutdown(wait=False)
+
+
+@pytest.fixture(scope="session")
+def package_resources(request):
+    """``_sass.package_resources`` of every variant on sm_80 and sm_90 (registers, spills, stack)."""
+    require_nvrtc()
+    from sj_temporal_fusion import _sass
+    future = request.config.stash.get(_PACKAGE_RESOURCES, None)
+    return future.result() if future is not None else _sass.package_resources(_sass.ARCHS)
 
 
 @pytest.fixture(autouse=True)

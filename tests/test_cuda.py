@@ -16,16 +16,14 @@ from conftest import require_nvrtc
 
 
 @pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
-def test_nvrtc_compiles_every_variant():
+def test_nvrtc_compiles_every_variant(package_resources):
     """Every variant compiled as the launcher's cubins are (``_nvrtc.compile_cubin``: the
     build's options, -ftz=false, NVRTC straight to sm_XY machine code), for sm_80 and sm_90; the
     compile is shared with tests/test_sass.py. At run time each variant compiles alone, for the
     device's own architecture, and is cached on disk."""
-    require_nvrtc()
     names = _nvrtc.all_name_expressions()
     assert len(names) >= 4 * 14
-    per_arch = _sass.package_resources(_sass.ARCHS)
-    for arch, rows in per_arch.items():
+    for arch, rows in package_resources.items():
         assert [r.name for r in rows] == names, f"sm_{arch}"
         assert all(r.mangled.startswith("_Z") for r in rows)
 

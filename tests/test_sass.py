@@ -47,9 +47,8 @@ def test_ptxas_report_is_parsed():
 
 
 @pytest.fixture(scope="module")
-def per_arch():
-    require_nvrtc()
-    return _sass.package_resources(_sass.ARCHS)
+def per_arch(package_resources):
+    return package_resources
 
 
 @pytest.mark.slow  # every variant through NVRTC and ptxas for two architectures: minutes
