@@ -38,7 +38,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def num_checkpoints(T: int, model: str = "lif") -> int:
+def num_checkpoints(T: int, model: str) -> int:
     """Checkpoints of the state over T steps: one every ``chunk`` steps of the model (CHUNK)."""
     return -(-T // REGISTRY[model].chunk)
 

@@ -181,3 +181,18 @@ def test_timing_reports_wall_time_and_flush_reads():
     assert len(t.samples_ms) == len(t.wall_samples_ms) == 4
     assert t.summary()["wall_median_ms"] > 0
     assert torch.equal(flush.buffer, before)  # read, not written
+
+
+def test_grad_sum_and_the_other_generations_method(tmp_path):
+    """--grad sum: the dL/dspike that spike.sum() passes (a 1 expanded to (T, N)), checked against
+    the fp64 reference as a random one is; under 0.0.0.0.14 method spikingjelly2 is skipped, saying why."""
+    payload = main(["lif", "--device", "cpu", "--neurons", "301", "--T", "17", "--dtypes", "fp32", "--modes", "train",
+                    "--methods", "temporal_fusion,serial,spikingjelly2", "--grad", "sum", "--reps", "3", "--warmup",
+                    "1", "--max-seconds", "0.1", "--no-flush", "--out", str(tmp_path), "--quiet", "--no-plots"])
+    rows = {r["method"]: r for r in payload["results"]}
+    for method in ("temporal_fusion", "serial"):
+        assert rows[method]["status"] == "ok" and rows[method]["grad_rel_error"] < 1e-5, rows[method]
+    assert rows["spikingjelly2"]["status"] == "skipped" and "needs spikingjelly 2.x" in rows["spikingjelly2"]["reason"]
+    assert payload["config"]["grad"] == "sum"
+    x, grad = lif.make_inputs(4, 5, torch.float32, torch.device("cpu"), "train", grad_kind="sum")
+    assert grad.shape == (4, 5) and grad.stride() == (0, 0) and bool((grad == 1).all())

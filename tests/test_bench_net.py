@@ -14,7 +14,8 @@ def test_cli_small(tmp_path):
     payload = main(["net", "--device", "cpu", "--T", "2", "--batch", "2", "--image-size", "16",
                     "--reps", "2", "--min-reps", "1", "--warmup", "0", "--out", str(tmp_path), "--quiet"])
     rows = {(r["mode"], r["method"]): r for r in json.loads((tmp_path / "net-cpu.json").read_text())["results"]}
-    assert len(rows) == len(net.METHODS) * len(net.MODES)
+    assert len(rows) == len(net.DEFAULT_METHODS) * len(net.MODES)
+    assert "spikingjelly2" not in net.DEFAULT_METHODS  # SpikingJelly 2's own path, under 2.x only
     for mode in net.MODES:
         assert rows[(mode, "cupy")]["status"] == "skipped"
         for method in ("torch", "temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn"):

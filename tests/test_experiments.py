@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the root
     sys.path.insert(0, str(ROOT))
 
-import sj_temporal_fusion.spikingjelly as sj_hook  # noqa: E402
+import sj_temporal_fusion.frontends.activation_based as sj_hook  # noqa: E402
 from experiments import config as configs, data, report, table1, train  # noqa: E402
 
 ARCHS = configs.ARCHS

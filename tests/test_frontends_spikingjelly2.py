@@ -264,10 +264,11 @@ def _resnet18():
     return net
 
 
-@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("optimize", [None, {}, {"fold_bn": True}])
 def test_spiking_resnet18_from_the_model_zoo(optimize):
     """SpikingJelly 2's Spiking-ResNet18: one call switches every LIF node; loss and gradients
-    equal its own path's to rounding, with and without optimize(net) (spike bits)."""
+    equal its own path's to rounding, without optimize(net), with it (spike bits) and with its
+    BatchNorms folded (the stem's and each block's bn1 -> sn1: 9 pairs found in its blocks)."""
     x = torch.rand(3, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     results = []
     for switched in (False, True):
@@ -275,8 +276,9 @@ def test_spiking_resnet18_from_the_model_zoo(optimize):
         if switched:
             report = sj_temporal_fusion.set_backend(net, "temporal_fusion")
             assert len(report.switched) == 17 and not report.not_switched, str(report)
-            if optimize:
-                net = sj_temporal_fusion.optimize(net)
+            if optimize is not None:
+                net = sj_temporal_fusion.optimize(net, **optimize)
+                assert len(sj_temporal_fusion.optimize.folded(net)) == (9 if optimize else 0)
         loss = net(x).mean(0).square().sum()
         loss.backward()
         results.append((loss.detach(), [p.grad for p in net.parameters()]))
@@ -291,3 +293,30 @@ def test_an_unsupported_version_names_the_supported_ones():
         with pytest.raises(ImportError, match=r"0\.0\.0\.0\.14.*>=2\.0,<3"):
             versions._generation(version)
     assert versions._generation("2.1.3") == 2 and versions._generation("0.0.0.0.14") == 1
+
+
+def test_bench_lif_and_net_take_its_own_path_as_a_method(tmp_path):
+    """bench lif and bench net under SpikingJelly 2: its own path is method 'spikingjelly2', checked
+    and timed beside temporal_fusion in one run (the switched node; the switched model, optimized
+    too); 0.0.0.0.14's backends are skipped, saying why."""
+    from sj_temporal_fusion.bench import net
+    from sj_temporal_fusion.bench.__main__ import main
+    common = ["--device", "cpu", "--quiet", "--no-plots"]
+    lif_run = main(["lif", "--neurons", "301", "--T", "17", "--dtypes", "fp32", "--grad", "sum", "--methods",
+                    "temporal_fusion,spikingjelly2,torch", "--reps", "3", "--warmup", "1", "--max-seconds", "0.1",
+                    "--no-flush", "--out", str(tmp_path / "lif"), *common])
+    rows = {(r["method"], r["mode"]): r for r in lif_run["results"]}
+    for mode in ("infer", "train"):
+        for method in ("temporal_fusion", "spikingjelly2"):
+            assert rows[(method, mode)]["status"] == "ok", rows[(method, mode)]
+        assert rows[("torch", mode)]["status"] == "skipped" and "has no backends" in rows[("torch", mode)]["reason"]
+    net_run = main(["net", "--T", "2", "--batch", "2", "--image-size", "16", "--reps", "1", "--min-reps", "1",
+                    "--warmup", "0", "--no-profile", "--out", str(tmp_path / "net"), *common])
+    rows = {(r["method"], r["mode"]): r for r in net_run["results"]}
+    assert net.REFERENCE == "spikingjelly2" and len(rows) == len(net.DEFAULT_METHODS) * len(net.MODES)
+    for (method, mode), r in rows.items():
+        assert r["status"] == "ok", r
+        if mode == "train":
+            assert r["grad_rel_diff_vs_spikingjelly2"] < 1e-4, r
+    assert rows[("spikingjelly2", "train")]["speedup_vs_spikingjelly2"] == 1.0
+    assert rows[("temporal_fusion+spike_bits", "train")]["grad_bitwise_equal_to_temporal_fusion"] is True

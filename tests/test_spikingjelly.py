@@ -17,7 +17,7 @@ from spikingjelly.activation_based import functional, neuron, surrogate
 import sj_temporal_fusion
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.reference import lif_reference
-from sj_temporal_fusion.spikingjelly import node_options
+from sj_temporal_fusion.frontends.common import node_options
 
 from _grid import (spiking_resnet18, DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
                    near_threshold_mismatches)
@@ -185,6 +185,21 @@ def test_register_and_unregister_are_symmetric():
     assert node(x).shape == x.shape
     functional.set_backend(node, "torch")
     assert node(x).shape == x.shape
+
+
+def test_pickles_naming_the_former_module_still_load():
+    """Models pickled before the front ends moved name ``sj_temporal_fusion.spikingjelly._backend_name``:
+    that module is the activation_based front end under its former name, in a fresh process too."""
+    from sj_temporal_fusion.frontends.common import BACKEND_NAME
+    stream = pickle.dumps(BACKEND_NAME, protocol=0)
+    assert b"sj_temporal_fusion.frontends.common" in stream
+    old = stream.replace(b"sj_temporal_fusion.frontends.common", b"sj_temporal_fusion.spikingjelly")
+    code = ("import pickle, sys; mark = pickle.loads(sys.stdin.buffer.read()); "
+            "import sj_temporal_fusion.spikingjelly as old, sj_temporal_fusion.frontends.activation_based as new; "
+            "assert old is new, old; print(mark)")
+    out = subprocess.run([sys.executable, "-c", code], input=old, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "temporal_fusion"
 
 
 def test_whole_model_loads_in_a_fresh_process(tmp_path):

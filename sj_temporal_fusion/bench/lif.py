@@ -14,8 +14,17 @@ Methods (one setup each, all fed the same x (T, N) and, for 'train', the same gr
     cupy             LIFNode(backend='cupy'), CUDA only, fp32/fp16 only. 'infer' runs the node in
                      train mode under no_grad, because SpikingJelly 0.0.0.0.14's eval mode runs the
                      TorchScript loop whatever the backend
+    spikingjelly2    SpikingJelly 2.x's LIFNode on its own path (it has no backends): on the CPU its
+                     per-step loop; on a GPU what it selects (native CUDA when built from source,
+                     else Triton when installed, else the loop), or the one that
+                     SJ_LIF_CUDA_IMPLEMENTATION=cuda|triton|torch names (read when it is imported).
+                     Under 2.x, temporal_fusion is the same node after
+                     sj_temporal_fusion.set_backend(node, 'temporal_fusion'); torch and cupy are
+                     0.0.0.0.14's backends and are skipped there, as spikingjelly2 is under 0.0.0.0.14
     serial           a plain per-time-step PyTorch loop (the paper's "Serial (PyTorch)" baseline)
-Modes: 'infer' (forward under no_grad) and 'train' (forward + backward of spike against grad).
+The default methods are the installed SpikingJelly's.
+Modes: 'infer' (forward under no_grad) and 'train' (forward + backward of spike against grad:
+``--grad random``, or ``--grad sum``, the expanded 1 that ``spike.sum().backward()`` passes).
 
 Before timing, each method's spikes (and for 'train' its grad_x) are checked against an fp64
 serial reference on the first ``--check-neurons`` neurons; a method that fails is not timed.
@@ -29,15 +38,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .. import versions
 from . import harness, traffic
 
-METHODS = ("temporal_fusion", "torch", "cupy", "serial")
+METHODS = ("temporal_fusion", "torch", "cupy", "spikingjelly2", "serial")
+DEFAULT_METHODS = (("temporal_fusion", "torch", "cupy", "serial") if versions.GENERATION == 1
+                   else ("temporal_fusion", "spikingjelly2", "serial"))
 MODES = ("infer", "train")
 FIG5 = dict(tau=1.25, decay_input=False, v_threshold=0.3, v_reset=0.0)
 SG_ALPHA = 4.0
@@ -108,10 +121,22 @@ def reference(x: torch.Tensor, grad: Optional[torch.Tensor]):
 # ---------------------------------------------------------------- one setup per method
 
 def _node(backend: str, device: torch.device):
+    """The Fig. 5 LIFNode on ``backend``: a SpikingJelly 0.0.0.0.14 backend, or under 2.x
+    'temporal_fusion' (switched by set_backend) or 'spikingjelly2' (its own path)."""
     from spikingjelly.activation_based import neuron
+    import sj_temporal_fusion  # registers the backend
+    if versions.GENERATION == 1:
+        if backend == "spikingjelly2":
+            raise Skip(f"method 'spikingjelly2' needs spikingjelly 2.x, installed is {versions.VERSION} "
+                       f"(./dev test-sj2's .venv-sj2 has 2.0.0)")
+        return neuron.LIFNode(**FIG5, surrogate_function=surrogate(), step_mode="m", backend=backend).to(device)
+    if backend not in ("temporal_fusion", "spikingjelly2"):
+        raise Skip(f"SpikingJelly {versions.VERSION} has no backends ('{backend}' is 0.0.0.0.14's): its own "
+                   f"path is method 'spikingjelly2'")
+    node = neuron.LIFNode(**FIG5, surrogate_function=surrogate(), step_mode="m").to(device)
     if backend == "temporal_fusion":
-        import sj_temporal_fusion  # noqa: F401 - registers the backend
-    return neuron.LIFNode(**FIG5, surrogate_function=surrogate(), step_mode="m", backend=backend).to(device)
+        sj_temporal_fusion.set_backend(node, "temporal_fusion")
+    return node
 
 
 def _node_step(node, case: Case, x: torch.Tensor, grad: Optional[torch.Tensor], eval_mode: bool):
@@ -140,7 +165,13 @@ def setup_torch(case, x, grad):
     return _node_step(_node("torch", case.device), case, x, grad, eval_mode=case.mode == "infer")
 
 
+def setup_spikingjelly2(case, x, grad):
+    return _node_step(_node("spikingjelly2", case.device), case, x, grad, eval_mode=case.mode == "infer")
+
+
 def setup_cupy(case, x, grad):
+    if versions.GENERATION != 1:
+        return setup_torch(case, x, grad)  # skipped, saying why
     if case.device.type != "cuda":
         raise Skip("SpikingJelly's cupy backend runs on CUDA tensors only")
     if case.dtype not in (torch.float32, torch.float16):
@@ -172,20 +203,29 @@ def setup_serial(case, x, grad):
 
 
 SETUPS: dict[str, Callable] = {"temporal_fusion": setup_temporal_fusion, "torch": setup_torch,
-                               "cupy": setup_cupy, "serial": setup_serial}
+                               "cupy": setup_cupy, "spikingjelly2": setup_spikingjelly2, "serial": setup_serial}
 
 
 # ---------------------------------------------------------------- running
 
-def make_inputs(T: int, N: int, dtype: torch.dtype, device: torch.device, mode: str, seed: int = 0):
+GRADS = ("random", "sum")
+
+
+def make_inputs(T: int, N: int, dtype: torch.dtype, device: torch.device, mode: str, seed: int = 0,
+                grad_kind: str = "random"):
     """x (T, N) ~ 0.3 + 0.5 N(0, 1) (about a third of the neuron-steps fire at threshold 0.3), and
-    for 'train' a random grad (T, N); x requires grad in 'train'."""
+    for 'train' the gradient dL/dspike (T, N): ``grad_kind`` 'random', or 'sum', the gradient of
+    ``spike.sum()`` as autograd passes it (a 1 expanded to (T, N), stride 0, nothing materialised);
+    x requires grad in 'train'."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randn(T, N, generator=g) * 0.5 + 0.3).to(device=device, dtype=dtype)
     grad = None
     if mode == "train":
         x.requires_grad_(True)
-        grad = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
+        if grad_kind == "sum":
+            grad = torch.ones((), dtype=dtype, device=device).expand(T, N)
+        else:
+            grad = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
     return x, grad
 
 
@@ -281,7 +321,8 @@ def plot(rows: list[dict], out: Path, name: str, title: str) -> list[Path]:
     if not ok:
         return []
     style = {"temporal_fusion": ("C3", "o", "temporal fusion (ours)"), "torch": ("C0", "s", "SpikingJelly torch"),
-             "cupy": ("C2", "^", "SpikingJelly cupy"), "serial": ("C7", "D", "serial PyTorch")}
+             "cupy": ("C2", "^", "SpikingJelly cupy"), "spikingjelly2": ("C1", "v", "SpikingJelly 2 (own path)"),
+             "serial": ("C7", "D", "serial PyTorch")}
     paths = []
     from matplotlib.ticker import FuncFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -364,7 +405,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--T", default="2..512", help="time steps: '2..512' (powers of two) or '2,8,32'")
     p.add_argument("--modes", default="infer,train", help="infer,train")
     p.add_argument("--dtypes", default="fp32,fp16,bf16", help="fp32,fp16,bf16 (fp64 also accepted)")
-    p.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"{','.join(METHODS)} (default: the installed SpikingJelly's, {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--grad", choices=GRADS, default="random",
+                   help="train: dL/dspike random (default), or sum: that of spike.sum() (an expanded 1)")
     p.add_argument("--reps", type=int, default=30, help="repetitions per case, at most (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per case (torch infer: >= 10)")
     p.add_argument("--max-seconds", type=float, default=3.0,
@@ -398,9 +442,10 @@ def main(args) -> dict:
     flush = harness.CacheFlusher(device, enabled=not args.no_flush)
     config = {"neurons": N, "T": Ts, "modes": modes, "dtypes": [harness.DTYPE_NAMES[d] for d in dtypes],
               "methods": methods, "neuron": {**FIG5, "surrogate": f"Sigmoid(alpha={SG_ALPHA})"},
-              "reps": args.reps, "warmup": args.warmup, "torchscript_warmup": TORCHSCRIPT_WARMUP,
+              "grad": args.grad, "reps": args.reps, "warmup": args.warmup, "torchscript_warmup": TORCHSCRIPT_WARMUP,
               "max_seconds": args.max_seconds, "check_neurons": args.check_neurons,
               "flush_caches": not args.no_flush, "flush_bytes": harness.flush_bytes(device),
+              "sj_lif_cuda_implementation": os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "auto"),
               "timer": ("CUDA events (kernel) + perf_counter to completion (wall), synchronised "
                         "before each call" if device.type == "cuda" else "time.perf_counter")}
     name = args.name or f"lif-{device.type}"
@@ -425,7 +470,7 @@ def main(args) -> dict:
     bar = harness.progress(len(cases) * len(methods), "lif", enabled=not args.quiet)
     for mode, dtype, T in cases:
         try:
-            x, grad = make_inputs(T, N, dtype, device, mode)
+            x, grad = make_inputs(T, N, dtype, device, mode, grad_kind=args.grad)
             n_check = min(N, args.check_neurons)
             ref = reference(x[:, :n_check], None if grad is None else grad[:, :n_check])
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the inputs of a large T

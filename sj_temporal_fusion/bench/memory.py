@@ -130,7 +130,7 @@ def setup_resnet18(method: str, device, dtype, T: int, batch: int, image_size: i
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="lif,resnet18")
-    p.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(lif.DEFAULT_METHODS), help=",".join(METHODS))
     p.add_argument("--dtypes", default="fp32", help="fp32,fp16,bf16 (default fp32)")
     p.add_argument("--T", type=int, default=32, help="time steps (default 32, Table 1)")
     p.add_argument("--neurons", type=int, default=1_000_000, help="LIF layer size (default 1,000,000)")

@@ -15,6 +15,9 @@ replaces the first convolution), fp32.
 Methods (one setup each, the same initial weights, input and labels):
     torch                        SpikingJelly's torch backend
     cupy                         SpikingJelly's cupy backend (CUDA only)
+    spikingjelly2                SpikingJelly 2.x's own path (it has no backends; what it selects
+                                 on a GPU: see ``bench lif``); its Spiking-ResNets only (the
+                                 Spikformer here is built from clock_driven nodes, which 2.x removed)
     temporal_fusion              this package's backend
     temporal_fusion+spike_bits   the same, with ``sj_temporal_fusion.optimize(net)``: spikes that
                                  a layer saves for its backward are kept as bits
@@ -24,6 +27,11 @@ Methods (one setup each, the same initial weights, input and labels):
                                  its BatchNorms run in forward code, where nothing can find them);
                                  the batch statistics are computed in the neuron's forward, so
                                  that time counts as 'neuron', not 'bn'
+Under SpikingJelly 2.x the temporal_fusion methods switch the same model with
+``sj_temporal_fusion.set_backend``; torch and cupy (0.0.0.0.14's backends) are skipped there, as
+spikingjelly2 is under 0.0.0.0.14. The default methods are the installed SpikingJelly's; the
+first-step check and the ``*_vs_<reference>`` columns compare with its unfused path: ``torch`` under
+0.0.0.0.14, ``spikingjelly2`` under 2.x.
 The Spikformer's cupy row is SpikingJelly's clock_driven cupy backend, which needs tensorboard
 installed (its kernel module imports it; without it the row is skipped and says so).
 Modes: 'train' = reset, zero_grad, forward, loss, backward (no optimiser step, so every step
@@ -63,10 +71,15 @@ from typing import Optional
 
 import torch
 
+from .. import versions
 from . import harness, lif, memory, spikformer
 
 MODELS = ("resnet18", "resnet34", "resnet50", "spikformer")
-METHODS = ("torch", "cupy", "temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn")
+FUSED = ("temporal_fusion", "temporal_fusion+spike_bits", "temporal_fusion+fold_bn")
+METHODS = ("torch", "cupy", "spikingjelly2") + FUSED
+# The installed SpikingJelly's unfused path: the first-step check's reference.
+REFERENCE = "torch" if versions.GENERATION == 1 else "spikingjelly2"
+DEFAULT_METHODS = (("torch", "cupy") if versions.GENERATION == 1 else ("spikingjelly2",)) + FUSED
 MODES = ("train", "infer")
 OPTIONS = {"temporal_fusion+spike_bits": dict(spike_bits=True),  # sj_temporal_fusion.optimize(net, **)
            "temporal_fusion+fold_bn": dict(spike_bits=True, fold_bn=True)}  # both options on
@@ -86,9 +99,9 @@ SPIKFORMER = dict(dim=64, depth=1, heads=4)  # --dim, --depth, --heads
 SPIKFORMER_NEURON = ("clock_driven MultiStepLIFNode(tau=2.0, detach_reset=True), Sigmoid(alpha=4) surrogate, "
                      "v_threshold 1 (the attention LIF 0.5)")
 COLUMNS = ["model", "method", "mode", "T", "batch", "image_size", "status", "median_ms", "p25_ms",
-           "p75_ms", "min_ms", "reps", "speedup_vs_torch", "speedup_vs_cupy", "peak_mib",
-           "memory_vs_torch", "memory_vs_cupy", "loss_abs_diff_vs_torch", "grad_rel_diff_vs_torch",
-           "grad_bitwise_equal_to_temporal_fusion"] + [f"{c}_ms" for c in CATEGORIES] + \
+           "p75_ms", "min_ms", "reps", f"speedup_vs_{REFERENCE}", "speedup_vs_cupy", "peak_mib",
+           f"memory_vs_{REFERENCE}", "memory_vs_cupy", f"loss_abs_diff_vs_{REFERENCE}",
+           f"grad_rel_diff_vs_{REFERENCE}", "grad_bitwise_equal_to_temporal_fusion"] + [f"{c}_ms" for c in CATEGORIES] + \
           [f"{c}_share" for c in CATEGORIES] + ["memory_measure", "reason"]
 
 
@@ -101,11 +114,19 @@ class Skip(lif.Skip):
 def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 10,
                 spikformer_size: Optional[dict] = None) -> torch.nn.Module:
     """SpikingJelly's spiking_resnet<depth> with the paper's LIF neuron, multi-step, on
-    ``backend``, initial weights from seed 0; the first convolution takes ``channels`` inputs.
-    ``spikformer``: bench/spikformer.py's model with ``spikformer_size`` (dim, depth, heads)."""
+    ``backend`` (under 2.x: 'temporal_fusion' or 'spikingjelly2', its own path), initial weights
+    from seed 0; the first convolution takes ``channels`` inputs. ``spikformer``:
+    bench/spikformer.py's model with ``spikformer_size`` (dim, depth, heads)."""
     from spikingjelly.activation_based import functional, neuron, surrogate
     from spikingjelly.activation_based.model import spiking_resnet
     import sj_temporal_fusion  # noqa: F401 - registers the backend
+    if versions.GENERATION == 1 and backend == "spikingjelly2":
+        raise Skip(f"method 'spikingjelly2' needs spikingjelly 2.x, installed is {versions.VERSION}")
+    if versions.GENERATION == 2 and backend not in ("temporal_fusion", "spikingjelly2"):
+        raise Skip(f"SpikingJelly {versions.VERSION} has no backends ('{backend}' is 0.0.0.0.14's): its own "
+                   f"path is method 'spikingjelly2'")
+    if versions.GENERATION == 2 and model == "spikformer":
+        raise Skip("this Spikformer is built from clock_driven nodes, which SpikingJelly 2 removed")
     torch.manual_seed(0)
     if model == "spikformer":
         net = spikformer.Spikformer("torch", in_channels=channels, num_classes=num_classes,
@@ -123,6 +144,12 @@ def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 
         net.conv1 = type(old)(channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                               bias=old.bias is not None)
     functional.set_step_mode(net, "m")
+    if versions.GENERATION == 2:
+        if backend == "temporal_fusion":
+            report = sj_temporal_fusion.set_backend(net, backend)
+            if report.not_switched:
+                raise Skip("; ".join(sorted(set(report.not_switched.values()))))
+        return net
     functional.set_backend(net, backend, neuron.LIFNode)
     if not all(m.backend == backend for m in net.modules() if isinstance(m, neuron.LIFNode)):
         raise Skip(f"LIFNode of this SpikingJelly does not take backend={backend!r}")
@@ -202,7 +229,7 @@ def deterministic():
 
 
 def check(setups: dict, mode: str) -> dict:
-    """First-step agreement of each method with the torch backend (and of spike_bits with
+    """First-step agreement of each method with REFERENCE, the unfused path (and of spike_bits with
     temporal_fusion, bit for bit); {method: {fields}}; fails the method when over tolerance. The
     steps run under ``deterministic()``, so that the bitwise comparison sees the spikes' effect
     only."""
@@ -214,21 +241,21 @@ def check(setups: dict, mode: str) -> dict:
             reference[method] = (s.loss.detach().double(), s.gradients())
         else:
             reference[method] = (out.detach().double(), None)
-    if "torch" not in reference:
+    if REFERENCE not in reference:
         return {m: {} for m in setups}
-    base_out, base_grads = reference["torch"]
+    base_out, base_grads = reference[REFERENCE]
     for method, (out, grads) in reference.items():
-        r = {"loss_abs_diff_vs_torch": (out - base_out).abs().max().item()}
+        r = {f"loss_abs_diff_vs_{REFERENCE}": (out - base_out).abs().max().item()}
         if grads is not None:
             scale = max(g.abs().max().item() for g in base_grads.values()) or 1.0
-            r["grad_rel_diff_vs_torch"] = max((grads[n].double() - base_grads[n].double()).abs().max().item()
+            r[f"grad_rel_diff_vs_{REFERENCE}"] = max((grads[n].double() - base_grads[n].double()).abs().max().item()
                                               for n in base_grads) / scale
             bound = FOLD_GRAD_TOLERANCE if OPTIONS.get(method, {}).get("fold_bn") else GRAD_TOLERANCE
-            r["check_ok"] = r["grad_rel_diff_vs_torch"] <= bound
+            r["check_ok"] = r[f"grad_rel_diff_vs_{REFERENCE}"] <= bound
         else:
             # Inference: outputs are spike counts averaged into a linear layer; one flipped spike
             # near the threshold moves them, so only gross errors fail.
-            r["check_ok"] = r["loss_abs_diff_vs_torch"] <= 0.1 * max(1.0, base_out.abs().max().item())
+            r["check_ok"] = r[f"loss_abs_diff_vs_{REFERENCE}"] <= 0.1 * max(1.0, base_out.abs().max().item())
         results[method] = r
     if "temporal_fusion+spike_bits" in reference and "temporal_fusion" in reference:
         (a, ga), (b, gb) = reference["temporal_fusion+spike_bits"], reference["temporal_fusion"]
@@ -244,7 +271,7 @@ def _marked_modules(net: torch.nn.Module):
     """(module, category): conv, bn and neuron modules (not their children: a neuron holds its
     surrogate as a submodule), and every other leaf as 'other'."""
     from spikingjelly.activation_based import neuron
-    from spikingjelly.clock_driven import neuron as cd_neuron
+    cd_neuron = versions.clock_driven("neuron")  # a stand-in matching nothing under 2.x
     kinds = ((torch.nn.modules.conv._ConvNd, "conv"), (torch.nn.modules.batchnorm._BatchNorm, "bn"),
              ((neuron.BaseNode, cd_neuron.BaseNode), "neuron"))
     stack = [net]
@@ -362,7 +389,7 @@ def run_case(model: str, mode: str, methods: list[str], device: torch.device, ar
         by_method[method].update(r)
         if not ok:
             by_method[method].update(status="check_failed", reason="first-step loss or gradients "
-                                     "differ from the torch backend's beyond the gross-error bound")
+                                     f"differ from {REFERENCE}'s beyond the gross-error bound")
             setups.pop(method)
     if mode == "infer" and "cupy" in setups:
         by_method["cupy"]["reason"] = ("SpikingJelly 0.0.0.0.14 runs the TorchScript loop in eval "
@@ -396,7 +423,7 @@ def run_case(model: str, mode: str, methods: list[str], device: torch.device, ar
     setups.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    for base in ("torch", "cupy"):
+    for base in (REFERENCE, "cupy"):
         b = by_method.get(base, {})
         for r in rows:
             if r["status"] == "ok" and b.get("status") == "ok":
@@ -408,7 +435,8 @@ def run_case(model: str, mode: str, methods: list[str], device: torch.device, ar
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="resnet18", help=",".join(MODELS) + " (default resnet18)")
-    p.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"{','.join(METHODS)} (default: the installed SpikingJelly's, {','.join(DEFAULT_METHODS)})")
     p.add_argument("--modes", default=",".join(MODES), help="train,infer")
     p.add_argument("--T", type=int, default=32, help="time steps (default 32, Table 1)")
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4; Table 1 on GPU: 100)")
@@ -472,16 +500,17 @@ def _fmt(v, spec):
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<11}{'mode':<6}{'method':<28}{'ms':>10}{'x torch':>8}{'peak MiB':>10}"
-             f"{'mem/torch':>10}  conv/bn/neuron/bits/other %"]
+    short = {"torch": "torch", "spikingjelly2": "sj2"}[REFERENCE]
+    lines = [f"{'model':<11}{'mode':<6}{'method':<28}{'ms':>10}{'x ' + short:>8}{'peak MiB':>10}"
+             f"{'mem/' + short:>10}  conv/bn/neuron/bits/other %"]
     for r in rows:
         head = f"{r['model']:<11}{r['mode']:<6}{r['method']:<28}"
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r.get('reason', '')}")
             continue
         shares = "/".join(_fmt(100 * r[f'{c}_share'], '.0f') if f"{c}_share" in r else "-" for c in CATEGORIES)
-        lines.append(head + f"{_fmt(r['median_ms'], '10.1f')}{_fmt(r.get('speedup_vs_torch'), '8.2f')}"
-                     f"{_fmt(r.get('peak_mib'), '10.1f')}{_fmt(r.get('memory_vs_torch'), '10.2f')}  {shares}")
+        lines.append(head + f"{_fmt(r['median_ms'], '10.1f')}{_fmt(r.get(f'speedup_vs_{REFERENCE}'), '8.2f')}"
+                     f"{_fmt(r.get('peak_mib'), '10.1f')}{_fmt(r.get(f'memory_vs_{REFERENCE}'), '10.2f')}  {shares}")
     return "\n".join(lines)
 
 

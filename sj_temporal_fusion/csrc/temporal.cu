@@ -2,7 +2,7 @@
 // neurons/base.cuh for what a model provides). The build puts the model's header before this file;
 // a variant is one (kernel, model, dtype, FORM[, surrogate]) and is compiled when first used.
 //
-//   neuron_forward   x -> spikes, final state (+ v sequence if asked, + the state every TF_CHUNK
+//   neuron_forward   x -> spikes, final state (+ v sequence if asked, + the state every CHUNK
 //                    steps when training). Inference: 2 words per neuron-step (read x, write spike).
 //   neuron_backward  walks chunks last to first: reloads the chunk's state, recomputes the chunk in
 //                    registers from x, then sweeps backward. 3 words per neuron-step (read x and

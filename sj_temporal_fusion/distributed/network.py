@@ -18,7 +18,7 @@ from spikingjelly.activation_based import base, layer
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..spikingjelly import NODES, fusable
+from ..frontends.activation_based import NODES, fusable
 from .node import TimeShardedNode
 from .collectives import all_gather, all_reduce_
 from .errors import DEFAULT_TIMEOUT

@@ -32,7 +32,7 @@ from spikingjelly.activation_based import neuron
 from torch import Tensor, nn
 
 from .. import ops
-from ..spikingjelly import NODES, fusable, node_options
+from ..frontends.activation_based import NODES, fusable, node_options
 from . import kernels
 from .kernels import NeuronSpec
 from .scan import exclusive_affine_scan

@@ -154,6 +154,11 @@ def fused_single_step(node, x, fold_bn=None):
     return spike_seq[0]
 
 
+def fused_forward(node, x, fold_bn=None):
+    """The node's forward in its step mode, as ``optimize(net, fold_bn=...)`` runs a folded pair."""
+    return (fused_multi_step if node.step_mode == "m" else fused_single_step)(node, x, fold_bn)
+
+
 def _unregistered(node):
     raise RuntimeError(
         f"{type(node).__name__} is switched to '{BACKEND}', which sj_temporal_fusion.unregister() removed: "

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import versions
+
 BACKEND = "temporal_fusion"
 
 
@@ -121,7 +123,7 @@ def _batch_norm_classes() -> tuple:
 
 def _block_pairs() -> dict:
     """Exact block class -> its (BatchNorm, neuron) attribute pairs whose forward is ``sn(bn(.))``
-    (SpikingJelly 0.0.0.0.14's source; bn2 of a Spiking-ResNet BasicBlock, bn3 of its Bottleneck
+    (SpikingJelly 0.0.0.0.14's and 2.0's source; bn2 of a Spiking-ResNet BasicBlock, bn3 of its Bottleneck
     and the downsample's BatchNorm go to a residual add and are not listed)."""
     from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
     return {spiking_resnet.SpikingResNet: (("bn1", "sn1"),), spiking_resnet.BasicBlock: (("bn1", "sn1"),),
@@ -132,9 +134,9 @@ def _block_pairs() -> dict:
 
 def _sequential_classes() -> tuple:
     from spikingjelly.activation_based import layer
-    from spikingjelly.clock_driven import layer as cd_layer
     # Children run in order, each output to the next (the containers reshape (T, B) <-> T * B).
-    return (torch.nn.Sequential, layer.SeqToANNContainer, cd_layer.SeqToANNContainer)
+    # clock_driven's container is a stand-in matching nothing under SpikingJelly 2.
+    return (torch.nn.Sequential, layer.SeqToANNContainer, versions.clock_driven("layer").SeqToANNContainer)
 
 
 def _last_batch_norm(module):
@@ -211,9 +213,8 @@ def _layout(x, cdim: int):
 
 
 def _step_mode_served(node) -> bool:
-    # clock_driven's served classes are multi-step only; activation_based nodes carry a mode.
-    from ..frontends import activation_based
-    return not isinstance(node, activation_based.NODES) or getattr(node, "step_mode", None) in ("s", "m")
+    # clock_driven's served classes are multi-step only (no step_mode); the others carry a mode.
+    return getattr(node, "step_mode", "m") in ("s", "m")
 
 
 def _foldable_now(link, x) -> bool:
@@ -270,12 +271,7 @@ class _FoldedNeuron:
                 f"BatchNorm's output unchanged (a copy, an arithmetic op or an in-place write between them, "
                 f"or the BatchNorm's output went elsewhere), so folding would be wrong: {fix}")
         fold = _batch_norm_fold(link.bn, x.view(-1, channels, inner), 1)
-        from ..frontends import activation_based, clock_driven
-        if isinstance(node, clock_driven.NODES):
-            return clock_driven.fused_forward(node, x, fold)
-        if node.step_mode == "m":
-            return activation_based.fused_multi_step(node, x, fold)
-        return activation_based.fused_single_step(node, x, fold)
+        return _frontend(node).fused_forward(node, x, fold)
 
 
 def _batch_norm_fold(bn, x, channel_dim: int) -> tuple:
