@@ -120,19 +120,25 @@ def reference(x: torch.Tensor, grad: Optional[torch.Tensor]):
 
 # ---------------------------------------------------------------- one setup per method
 
+def require_backend(backend: str) -> None:
+    """Skip, saying why, a backend the installed SpikingJelly generation does not have: 0.0.0.0.14's
+    'torch' / 'cupy' under 2.x, 2.x's own path 'spikingjelly2' under 0.0.0.0.14."""
+    if versions.GENERATION == 1 and backend == "spikingjelly2":
+        raise Skip(f"method 'spikingjelly2' needs spikingjelly 2.x, installed is {versions.VERSION} "
+                   f"(./dev test-sj2's .venv-sj2 has 2.0.0)")
+    if versions.GENERATION == 2 and backend not in ("temporal_fusion", "spikingjelly2"):
+        raise Skip(f"SpikingJelly {versions.VERSION} has no backends ('{backend}' is 0.0.0.0.14's): its own "
+                   f"path is method 'spikingjelly2'")
+
+
 def _node(backend: str, device: torch.device):
     """The Fig. 5 LIFNode on ``backend``: a SpikingJelly 0.0.0.0.14 backend, or under 2.x
     'temporal_fusion' (switched by set_backend) or 'spikingjelly2' (its own path)."""
     from spikingjelly.activation_based import neuron
     import sj_temporal_fusion  # registers the backend
+    require_backend(backend)
     if versions.GENERATION == 1:
-        if backend == "spikingjelly2":
-            raise Skip(f"method 'spikingjelly2' needs spikingjelly 2.x, installed is {versions.VERSION} "
-                       f"(./dev test-sj2's .venv-sj2 has 2.0.0)")
         return neuron.LIFNode(**FIG5, surrogate_function=surrogate(), step_mode="m", backend=backend).to(device)
-    if backend not in ("temporal_fusion", "spikingjelly2"):
-        raise Skip(f"SpikingJelly {versions.VERSION} has no backends ('{backend}' is 0.0.0.0.14's): its own "
-                   f"path is method 'spikingjelly2'")
     node = neuron.LIFNode(**FIG5, surrogate_function=surrogate(), step_mode="m").to(device)
     if backend == "temporal_fusion":
         sj_temporal_fusion.set_backend(node, "temporal_fusion")
@@ -170,8 +176,7 @@ def setup_spikingjelly2(case, x, grad):
 
 
 def setup_cupy(case, x, grad):
-    if versions.GENERATION != 1:
-        return setup_torch(case, x, grad)  # skipped, saying why
+    require_backend("cupy")
     if case.device.type != "cuda":
         raise Skip("SpikingJelly's cupy backend runs on CUDA tensors only")
     if case.dtype not in (torch.float32, torch.float16):

@@ -120,11 +120,7 @@ def build_model(model: str, backend: str, channels: int = 3, num_classes: int = 
     from spikingjelly.activation_based import functional, neuron, surrogate
     from spikingjelly.activation_based.model import spiking_resnet
     import sj_temporal_fusion  # noqa: F401 - registers the backend
-    if versions.GENERATION == 1 and backend == "spikingjelly2":
-        raise Skip(f"method 'spikingjelly2' needs spikingjelly 2.x, installed is {versions.VERSION}")
-    if versions.GENERATION == 2 and backend not in ("temporal_fusion", "spikingjelly2"):
-        raise Skip(f"SpikingJelly {versions.VERSION} has no backends ('{backend}' is 0.0.0.0.14's): its own "
-                   f"path is method 'spikingjelly2'")
+    lif.require_backend(backend)
     if versions.GENERATION == 2 and model == "spikformer":
         raise Skip("this Spikformer is built from clock_driven nodes, which SpikingJelly 2 removed")
     torch.manual_seed(0)
