@@ -55,6 +55,7 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("acc_t", "sg_b"),
         ("int", "T"),
         ("long long", "N"),
+        ("long long", "grad_spike_step"),
         ("const acc_t*", "bn_scale"),
         ("const acc_t*", "bn_shift"),
         ("long long", "bn_inner"),

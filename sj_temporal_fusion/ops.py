@@ -152,6 +152,32 @@ def _backward_outputs(x: Tensor, num_states: int, num_params: int, mask: int, wa
     return grad_x, grad_v_init, grad_aux_init, grad_params, a_prod
 
 
+def spike_gradient(grad: Optional[Tensor], x: Tensor) -> Tensor:
+    """dL/dspike as the backward kernels read it: (T, *) contiguous, or one step's (*) row when every
+    step's gradient is the same row (autograd's expanded gradient of ``spike.sum()`` or ``mean()``,
+    stride 0 over time), read at every step instead of copied T times; None (spike unused) is a
+    zero row."""
+    if grad is None:
+        return x.new_zeros(x.shape[1:])
+    if grad.is_contiguous():
+        return grad
+    if grad.dim() == x.dim() and grad.stride(0) == 0:
+        return grad[0].contiguous()
+    return grad.contiguous()
+
+
+def _grad_spike_step(grad_spike: Tensor, x: Tensor) -> int:
+    """The backward kernel's grad_spike_step: N for a (T, *) gradient, 0 for one step's (*) row."""
+    if not (grad_spike.dtype == x.dtype and grad_spike.device == x.device and grad_spike.is_contiguous()
+            and grad_spike.shape in (x.shape, x.shape[1:])):
+        raise ValueError(
+            f"grad_spike must be a contiguous {x.dtype} tensor on {x.device} of x's shape {tuple(x.shape)} "
+            f"or of one step's {tuple(x.shape[1:])} (the same gradient at every step), got "
+            f"{tuple(grad_spike.shape)} {grad_spike.dtype} on {grad_spike.device}"
+            f"{'' if grad_spike.is_contiguous() else ', not contiguous'}: pass ops.spike_gradient(grad, x)")
+    return x[0].numel() if grad_spike.shape == x.shape else 0
+
+
 @torch.library.custom_op("sj_temporal_fusion::neuron_backward", mutates_args=())
 def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
                     grad_aux_last: Optional[Tensor], x: Tensor, checkpoints: Tensor, params: Tensor,
@@ -159,13 +185,15 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
                     grad_params_mask: int, want_grad_x: bool, want_a: bool, bn_scale: Optional[Tensor] = None,
                     bn_shift: Optional[Tensor] = None, bn_inner: int = 1, bn_channels: int = 1
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> grad_x (T, *) or empty, grad_v_init and grad_aux_init (*) in the state dtype, per-neuron
+    """``grad_spike``: (T, *), or one step's (*) row when every step's is the same (``spike_gradient``).
+    -> grad_x (T, *) or empty, grad_v_init and grad_aux_init (*) in the state dtype, per-neuron
     parameter gradients (R, N), one row per entry in ``grad_params_mask`` in entry order, or empty, and
     (time sharding, one state variable) the product of the steps' carry factors (N,) or empty.
     With ``bn_*`` (folded BatchNorm) grad_x is dL/dx_eff."""
     m = REGISTRY[model]
     _check_params(params, model, x)
     fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
+    grad_spike_step = _grad_spike_step(grad_spike, x)
     param_grads = grad_params_mask != 0
     outs = _backward_outputs(x, m.num_states, len(m.params), grad_params_mask, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
@@ -176,7 +204,7 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
         grad_x=grad_x if want_grad_x else None, grad_v_init=grad_v_init,
         grad_aux_init=grad_aux_init if two else None, grad_params=grad_params if param_grads else None,
         grad_params_mask=grad_params_mask, a_prod=a_prod if want_a else None, sg_a=surrogate_a,
-        sg_b=surrogate_b, T=x.shape[0], N=x[0].numel(),
+        sg_b=surrogate_b, T=x.shape[0], N=x[0].numel(), grad_spike_step=grad_spike_step,
         **_fold_args(fold, bn_scale, bn_shift, bn_inner, bn_channels)))
     return outs
 
@@ -280,12 +308,10 @@ def _backward(ctx, grad_spike, grad_v_last, grad_aux_last, grad_v_seq, _grad_che
         raise RuntimeError(
             "sj_temporal_fusion::neuron_forward ran with save_checkpoints=False, so it cannot be "
             "differentiated; call functional.neuron_multi_step, which saves them when grad is needed")
-    if grad_spike is None:
-        grad_spike = torch.zeros_like(x)
     needs = needs_grad(ctx, _FORWARD_INPUTS)
     mask = mask if needs["params"] else 0
     grad_x, grad_v_init, grad_aux_init, grad_params, _ = neuron_backward(
-        grad_spike=grad_spike.contiguous(), grad_v_seq=_present(grad_v_seq), grad_v_last=_present(grad_v_last),
+        grad_spike=spike_gradient(grad_spike, x), grad_v_seq=_present(grad_v_seq), grad_v_last=_present(grad_v_last),
         grad_aux_last=_present(grad_aux_last), x=x, checkpoints=checkpoints, params=params, model=model, form=form,
         surrogate_id=surrogate_id, surrogate_a=surrogate_a, surrogate_b=surrogate_b, grad_params_mask=mask,
         want_grad_x=True, want_a=False, **fold)

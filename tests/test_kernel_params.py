@@ -217,7 +217,7 @@ def test_gpu_arguments_are_the_host_bytes(dtype):
                 grad_aux_last=None, x=x, checkpoints=torch.zeros(1, 1, n, dtype=acc),
                 params=torch.zeros(4, dtype=acc), grad_x=torch.empty_like(x), grad_v_init=torch.empty(n, dtype=acc),
                 grad_aux_init=None, grad_params=torch.empty(2, n, dtype=acc), grad_params_mask=5,
-                a_prod=None, sg_a=4.0, sg_b=0.1, T=T, N=n, bn_scale=None, bn_shift=None, bn_inner=1,
+                a_prod=None, sg_a=4.0, sg_b=0.1, T=T, N=n, grad_spike_step=n, bn_scale=None, bn_shift=None, bn_inner=1,
                 bn_channels=1)
     host = kernel_params.pack(expression, args, dtype == torch.float64)
     gpu = _cuda.kernel_args(expression, args, dtype == torch.float64)

@@ -52,6 +52,63 @@ def test_opcheck_neuron_backward(model, with_state_grads):
         4.0, 0.0, (1 << params.shape[0]) - 1, True, REGISTRY[model].shardable))
 
 
+@pytest.mark.parametrize("model", list(REGISTRY))
+def test_a_one_row_spike_gradient_is_read_at_every_step(model):
+    """grad_spike of one step's shape (the same gradient at every step) gives exactly what that
+    row repeated T times gives, in the plain variant and in time sharding's (carry factors, no grad_x);
+    and opcheck passes with it."""
+    args = _forward_args(model)
+    _, _, _, _, checkpoints = ops.neuron_forward(*args)
+    x, params = args[0].detach(), args[3].detach()
+    row = torch.randn_like(x[0])
+    shard = REGISTRY[model].shardable
+    for want_grad_x, want_a in {(True, False), (not shard, shard)}:
+        call = lambda g: ops.neuron_backward(g, None, None, None, x, checkpoints, params, model, args[6],
+                                             DEFAULT_ID, 4.0, 0.0, (1 << params.shape[0]) - 1, want_grad_x, want_a)
+        for got, want in zip(call(row), call(row.expand_as(x).contiguous())):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(ops.neuron_backward, (
+        row, None, None, None, x, checkpoints, params, model, args[6], DEFAULT_ID, 4.0, 0.0, 1, True, False))
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean", "sum_over_time", "transposed", "state_only"])
+def test_gradients_as_autograd_hands_them_equal_dense_ones(loss):
+    """Autograd's gradient of spike in the layout it arrives in (expanded over time by sum(),
+    dense from mean(), transposed, or none when only the state is used) gives exactly what the same gradient
+    made dense and contiguous gives."""
+    w = torch.tensor(0.2, requires_grad=True)
+    x = torch.randn(9, 4, 6, requires_grad=True)
+    weights = torch.randn(4, 6)
+    losses = {"sum": lambda s, v: s.sum(), "mean": lambda s, v: s.mean(),
+              "sum_over_time": lambda s, v: (s.sum(0) * weights).sum(),
+              "transposed": lambda s, v: (s.transpose(0, 1) * torch.arange(9.0).view(1, 9, 1)).sum(),
+              "state_only": lambda s, v: v.square().sum()}
+    spike, v, _ = lif_multi_step(x, kind="plif", w=w, v_threshold=0.4)
+    spike_probe, v_probe = spike.detach().requires_grad_(), v.detach().requires_grad_()
+    grad_spike, grad_v = torch.autograd.grad(losses[loss](spike_probe, v_probe), [spike_probe, v_probe],
+                                             allow_unused=True, materialize_grads=True)
+    if loss in ("sum", "sum_over_time"):
+        assert grad_spike.stride(0) == 0  # the layouts this test is about
+    if loss == "transposed":
+        assert not grad_spike.is_contiguous()
+    got = torch.autograd.grad(losses[loss](spike, v), [x, w], retain_graph=True)
+    want = torch.autograd.grad([spike, v], [x, w], [grad_spike.contiguous().clone(), grad_v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strides"])
+def test_a_spike_gradient_the_kernel_cannot_read_is_refused(bad):
+    args = _forward_args("lif")
+    _, _, _, _, checkpoints = ops.neuron_forward(*args)
+    x, params = args[0].detach(), args[3].detach()
+    grad = {"shape": torch.randn(x.shape[0], 3), "dtype": torch.randn_like(x, dtype=torch.float64),
+            "strides": torch.randn(*x.shape[1:], x.shape[0]).movedim(-1, 0)}[bad]
+    with pytest.raises(ValueError, match=r"grad_spike must be a contiguous torch.float32 tensor .*spike_gradient"):
+        ops.neuron_backward(grad, None, None, None, x, checkpoints, params, "lif", args[6], DEFAULT_ID, 4.0, 0.0,
+                            0, True, False)
+
+
 @pytest.mark.parametrize("model", [name for name, m in REGISTRY.items() if m.shardable])
 def test_opcheck_neuron_fixup(model):
     x, v0, aux, params, _, form, *_ = _forward_args(model, learnable=False)

@@ -54,6 +54,7 @@ template <typename scalar_t> using acc_type = typename acc_of<scalar_t>::type;
   F(acc_type<scalar_t>, sg_b)                                                                       \
   F(int, T)                                                                                         \
   F(long long, N)                                                                                   \
+  F(long long, grad_spike_step)                              /* N; 0: one (N,) row for every step */ \
   F(const acc_type<scalar_t>* __restrict__, bn_scale)        /* FOLD */                             \
   F(const acc_type<scalar_t>* __restrict__, bn_shift)        /* FOLD */                             \
   F(long long, bn_inner)                                     /* FOLD */                             \

@@ -6,7 +6,9 @@
 //                    steps when training). Inference: 2 words per neuron-step (read x, write spike).
 //   neuron_backward  walks chunks last to first: reloads the chunk's state, recomputes the chunk in
 //                    registers from x, then sweeps backward. 3 words per neuron-step (read x and
-//                    grad_spike, write grad_x) + the checkpoints. Optionally the per-neuron
+//                    grad_spike, write grad_x) + the checkpoints; 2 when grad_spike is one (N,) row
+//                    for every step (grad_spike_step 0: autograd's expanded gradient of
+//                    spike.sum(), read as it comes instead of copied T times). Optionally the per-neuron
 //                    gradients of the parameters, and (time sharding, one state variable) the
 //                    product of the steps' dz_{t-1}/dz_t factors, which makes dL/dz_init affine in
 //                    the carry from the next rank.
@@ -203,13 +205,13 @@ TF_HD void backward_sweep(const scalar_t* __restrict__ grad_spike, const scalar_
                           scalar_t* __restrict__ grad_x, const acc_t* p, acc_t sg_a, acc_t sg_b,
                           acc_t (*gz)[TF_LANES], acc_t (*gp)[TF_LANES], acc_t* __restrict__ a,
                           acc_t (*zs)[M::S][TF_LANES], acc_t (*xs)[TF_LANES], acc_t (*hs)[TF_LANES],
-                          const R& r, int t0, int len, long long N) {
+                          const R& r, int t0, int len, long long N, long long gs_step) {
   const bool vseq = VSEQ == TF_RUNTIME ? grad_v_seq != 0 : VSEQ == 1;
   const bool gx_wanted = GX == TF_RUNTIME ? grad_x != 0 : GX == 1;
   const bool a_wanted = A == TF_RUNTIME ? a != 0 : A == 1;
   CHUNK_DOWN(j, len, CHUNK_OF(M)) {
-    const long long row = (long long)(t0 + j) * N + r.base;
-    prefetch_next_block<0>(grad_spike, row);
+    const long long row = (long long)(t0 + j) * N + r.base, gs_row = (long long)(t0 + j) * gs_step + r.base;
+    prefetch_next_block<0>(grad_spike, gs_row);
     if (vseq) prefetch_next_block<0>(grad_v_seq, row);
     if (gx_wanted) prefetch_next_block<1>(grad_x, row);
     LANE_FOR(l, r.count) {
@@ -221,7 +223,7 @@ TF_UNROLL
       for (int i = 0; i < M::NP; ++i) gpl[i] = PGRAD ? gp[i][l] : acc_t(0);
       if (vseq) g[0] += to_acc(tf_load(grad_v_seq, idx));
       const acc_t gx = step_vjp<M, SG, FORM>(zp, xs[j][l], hs[j][l], p, sg_a, sg_b, g,
-                                             to_acc(tf_load(grad_spike, idx)), gpl);
+                                             to_acc(tf_load(grad_spike, gs_row + l * TF_LANE_STRIDE)), gpl);
       if (gx_wanted) tf_store(grad_x, idx, from_acc<scalar_t>(gx));
 TF_UNROLL
       for (int k = 0; k < M::S; ++k) gz[k][l] = g[k];
@@ -268,11 +270,11 @@ TF_UNROLL
       backward_recompute<M, FORM>(x, p, z, zs, xs, hs, bn, r, t0, len, N);
       if (SHARD)  // decided per pointer
         backward_sweep<M, SG, FORM, PGRAD, TF_RUNTIME, TF_RUNTIME, TF_RUNTIME>(
-            grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a_prod ? a : (acc_t*)0, zs, xs, hs, r, t0, len, N);
+            grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a_prod ? a : (acc_t*)0, zs, xs, hs, r, t0, len, N, grad_spike_step);
       else if (grad_v_seq)
-        backward_sweep<M, SG, FORM, PGRAD, 1, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
+        backward_sweep<M, SG, FORM, PGRAD, 1, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N, grad_spike_step);
       else
-        backward_sweep<M, SG, FORM, PGRAD, 0, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N);
+        backward_sweep<M, SG, FORM, PGRAD, 0, 1, 0>(grad_spike, grad_v_seq, grad_x, p, sg_a, sg_b, gz, gp, a, zs, xs, hs, r, t0, len, N, grad_spike_step);
     }
     store_state<M>(grad_v_init, grad_aux_init, N, gz, r);
     if (PGRAD) {  // one row per masked entry, in entry order: unlearned entries take no memory

@@ -91,7 +91,7 @@ def shard_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last
         if part is not None:
             carry = part.to(acc) if carry is None else carry + part.to(acc)
     grad_x, grad_v_init, _, grad_params, a_prod = ops.neuron_backward(
-        grad_spike=grad_spike.contiguous(), grad_v_seq=grad_v_seq,
+        grad_spike=ops.spike_gradient(grad_spike, x), grad_v_seq=grad_v_seq,
         grad_v_last=None if carry is None else carry.contiguous(), grad_aux_last=None, x=x, checkpoints=checkpoints,
         params=params, model=spec.model, form=spec.backward_form, surrogate_id=spec.surrogate_id,
         surrogate_a=spec.surrogate_a, surrogate_b=spec.surrogate_b, grad_params_mask=param_grad_mask,
