@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _cuda, _host
+from . import _cuda, _host, _huge_pages
 from .neurons import REGISTRY
 from .variants import backward_variant, fixup_variant, forward_variant
 
@@ -119,6 +119,7 @@ def neuron_forward(x: Tensor, v_init: Tensor, aux_init: Tensor, params: Tensor, 
     _check_params(params, model, x)
     fold = _check_fold(x, bn_scale, bn_shift, bn_inner, bn_channels)
     spike, v_last, aux_last, v_seq, checkpoints = _forward_outputs(x, model, store_v_seq, save_checkpoints)
+    _huge_pages.advise(spike, v_seq)
     two = m.num_states == 2
     launch(forward_variant(m, x.dtype, form, fold), x, dict(
         x=x, v_init=v_init, aux_init=aux_init if two else None, spike=spike, v_last=v_last,
@@ -197,6 +198,7 @@ def neuron_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_las
     param_grads = grad_params_mask != 0
     outs = _backward_outputs(x, m.num_states, len(m.params), grad_params_mask, want_grad_x, want_a)
     grad_x, grad_v_init, grad_aux_init, grad_params, a_prod = outs
+    _huge_pages.advise(grad_x)
     two = m.num_states == 2
     launch(backward_variant(m, x.dtype, surrogate_id, form, param_grads, fold, shard=want_a or not want_grad_x), x, dict(
         grad_spike=grad_spike, grad_v_seq=grad_v_seq, grad_v_last=grad_v_last,
