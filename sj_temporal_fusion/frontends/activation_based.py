@@ -16,8 +16,8 @@ from spikingjelly.activation_based import base
 
 from ..functional import check_input, neuron_multi_step
 from ..neurons import REGISTRY
-from .common import (BACKEND, BACKEND_NAME, _backend_name, node_options, node_state, options_problem,  # noqa: F401
-                     own_dynamics, served_class, set_state)
+from .common import (BACKEND, BACKEND_NAME, _backend_name, class_problem, node_options, node_state,  # noqa: F401
+                     options_problem, own_dynamics, served_class, set_state)
 
 NAME = "activation_based"
 _PATCHED = ("supported_backends", "multi_step_forward", "single_step_forward", "backend")
@@ -151,15 +151,7 @@ def why_not(module, backend: str) -> Optional[str]:
     """Why ``module`` cannot run ``backend`` (None: it can)."""
     name = type(module).__name__
     if backend == BACKEND:
-        served = served_class(module, NODES)
-        if served is None:
-            return (f"no temporal_fusion model serves {name} (served: "
-                    f"{', '.join(c.__name__ for c in NODES)} and subclasses that keep their dynamics)")
-        changed = own_dynamics(module, served)
-        if changed:
-            return (f"{name} subclasses {served.__name__} with its own {', '.join(changed)}: the kernels run "
-                    f"{served.__name__}'s dynamics only")
-        problem = options_problem(module)
+        problem = class_problem(module, NODES) or options_problem(module)
         if problem:
             return problem
     if backend not in module.supported_backends:

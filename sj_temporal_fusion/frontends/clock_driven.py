@@ -23,8 +23,8 @@ from spikingjelly.clock_driven import neuron as cd_neuron
 
 from ..functional import neuron_multi_step
 from ..neurons import REGISTRY
-from .common import (BACKEND, BACKEND_NAME, node_options, node_state, options_problem, own_dynamics,
-                     served_class, set_state)
+from .common import (BACKEND, BACKEND_NAME, class_problem, node_options, node_state, options_problem,
+                     own_dynamics, served_class, set_state)
 
 NAME = "clock_driven"
 NODES = tuple(cls for model in REGISTRY.values() for cls in model.clock_driven)
@@ -148,15 +148,7 @@ def why_not(module, backend: str) -> Optional[str]:
         return reason + f"; its multi-step counterpart MultiStep{name} takes a backend" if hasattr(
             cd_neuron, f"MultiStep{name}") else reason
     if backend == BACKEND:
-        served = served_class(module, NODES)
-        if served is None:
-            return (f"no temporal_fusion model serves {name} (served: {', '.join(c.__name__ for c in NODES)} "
-                    f"and subclasses that keep their dynamics)")
-        changed = own_dynamics(module, served)
-        if changed:
-            return (f"{name} subclasses {served.__name__} with its own {', '.join(changed)}: the kernels run "
-                    f"{served.__name__}'s dynamics only")
-        return options_problem(module)
+        return class_problem(module, NODES) or options_problem(module)
     if backend == "cupy" and cd_neuron.cupy is None:
         return f"SpikingJelly's clock_driven cupy backend is unavailable here: {_cupy_import_error()}"
     return None

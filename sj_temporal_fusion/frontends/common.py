@@ -34,9 +34,25 @@ def served_class(node, classes: tuple) -> Optional[type]:
     return next((cls for cls in type(node).__mro__ if cls in classes), None)
 
 
-def own_dynamics(node, served: type) -> list[str]:
-    """The dynamics methods a subclass of ``served`` overrides: the kernels run the stock ones only."""
-    return [name for name in DYNAMICS if getattr(type(node), name, None) is not getattr(served, name, None)]
+def own_dynamics(node, served: type, dynamics: tuple = DYNAMICS) -> list[str]:
+    """The ``dynamics`` methods (the API's names for them) a subclass of ``served`` overrides: the
+    kernels run the stock ones only."""
+    return [name for name in dynamics if getattr(type(node), name, None) is not getattr(served, name, None)]
+
+
+def class_problem(node, classes: tuple, dynamics: tuple = DYNAMICS) -> Optional[str]:
+    """Why no model of ``classes`` runs ``node``: its class is none of them nor a subclass, or a
+    subclass overriding ``dynamics``; None when one does."""
+    name = type(node).__name__
+    served = served_class(node, classes)
+    if served is None:
+        return (f"no temporal_fusion model serves {name} (served: {', '.join(c.__name__ for c in classes)} "
+                f"and subclasses that keep their dynamics)")
+    changed = own_dynamics(node, served, dynamics)
+    if changed:
+        return (f"{name} subclasses {served.__name__} with its own {', '.join(changed)}: the kernels run "
+                f"{served.__name__}'s dynamics only")
+    return None
 
 
 def node_options(node) -> dict:

@@ -27,7 +27,7 @@ from spikingjelly.activation_based import neuron
 from ..functional import check_input, neuron_multi_step
 from ..neurons import REGISTRY, model_of
 from ..ops import state_dtype
-from .common import BACKEND, node_options, options_problem, served_class
+from .common import BACKEND, class_problem, node_options, options_problem, own_dynamics, served_class
 
 NAME = "spikingjelly2"
 RESTORE = "spikingjelly"  # set_backend(net, RESTORE): SpikingJelly 2's own path again
@@ -74,13 +74,9 @@ def is_switched(node) -> bool:
     return vars(node).get("backend") == BACKEND
 
 
-def own_dynamics(node, served: type) -> list[str]:
-    return [name for name in DYNAMICS if getattr(type(node), name, None) is not getattr(served, name, None)]
-
-
 def fusable(node) -> bool:
     served = served_class(node, NODES)
-    return served is not None and not own_dynamics(node, served)
+    return served is not None and not own_dynamics(node, served, DYNAMICS)
 
 
 def surrogate_problem(surrogate_function) -> Optional[str]:
@@ -222,14 +218,9 @@ def why_not(module, backend: str) -> Optional[str]:
     name = type(module).__name__
     if not _registered:
         return f"backend '{BACKEND}' is not registered: call sj_temporal_fusion.register()"
-    served = served_class(module, NODES)
-    if served is None:
-        return (f"no temporal_fusion model serves {name} (served: {', '.join(c.__name__ for c in NODES)} "
-                f"and subclasses that keep their dynamics)")
-    changed = own_dynamics(module, served)
-    if changed:
-        return (f"{name} subclasses {served.__name__} with its own {', '.join(changed)}: the kernels run "
-                f"{served.__name__}'s dynamics only")
+    problem = class_problem(module, NODES, DYNAMICS)
+    if problem:
+        return problem
     if getattr(module, "_neuron_precision", None) is not None:
         return (f"{name} has a SpikingJelly 2 neuron precision policy ({module._neuron_precision}), which "
                 f"SpikingJelly's own kernels implement: it stays on them")
