@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=64, help="steps before the slice boundary")
     p.add_argument("--horizon", type=int, default=256, help="steps after it (the longest fix-up measured)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions of each kernel timing, each after a "
+                   "cache flush (default 20)")
 
 
 def _node(config: str):
@@ -132,9 +134,10 @@ def stats(L: torch.Tensor, horizon: int) -> dict:
                 unmatched_fraction=(L == horizon).double().mean().item())
 
 
-def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: int) -> dict:
+def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: int, reps: int = 20) -> dict:
     """The model's components on this device (fp32): one slice's speculative forward, its fix-up
-    at the measured lengths, the backward's light and final passes, and a state hop's copy."""
+    at the measured lengths, the backward's light and final passes, and a state hop's copy; ``reps``
+    timed repetitions of each."""
     from ..distributed import kernels
     from ..frontends.common import node_options
     options = node_options(node)
@@ -146,16 +149,17 @@ def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: 
     for T in (16, 128):
         x = torch.randn(T, N, device=device)
         v = torch.zeros(N, device=device)
-        t = harness.time_fn(lambda: kernels.shard_forward(x, v, spec, params, False, True), device, flush=flush)
+        t = harness.time_fn(lambda: kernels.shard_forward(x, v, spec, params, False, True), device, flush=flush,
+                            reps=reps)
         out[f"slice_forward_T{T}"] = dict(**t.summary(), gb_per_s=N * T * (8 + 4 / 16) / (t.median_ms / 1e3) / 1e9)
         _, _, _, ck = kernels.shard_forward(x, v, spec, params, False, True)
         gs = torch.randn(T, N, device=device)
         t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, None, x, ck, spec, params, False,
-                                                           True), device, flush=flush)
+                                                           True), device, flush=flush, reps=reps)
         out[f"backward_light_T{T}"] = dict(**t.summary(), gb_per_s=N * T * 8 / (t.median_ms / 1e3) / 1e9)
         c = torch.randn(N, device=device)
         t = harness.time_fn(lambda: kernels.shard_backward(gs, None, None, c, x, ck, spec, params, True,
-                                                           False), device, flush=flush)
+                                                           False), device, flush=flush, reps=reps)
         out[f"backward_final_T{T}"] = dict(**t.summary(), gb_per_s=N * T * 12 / (t.median_ms / 1e3) / 1e9)
     # the fix-up at the lengths the measured inputs give (re-running it from fresh copies)
     x1, x2 = fix_x[:t0].contiguous(), fix_x[t0:].contiguous()
@@ -165,14 +169,14 @@ def kernel_timings(device: torch.device, N: int, fix_x: torch.Tensor, node, t0: 
 
     def fix():
         kernels.shard_fixup(x2, v_true, ck.clone(), spike, None, v_last.clone(), spec, params)
-    t = harness.time_fn(fix, device, flush=flush)
-    clone = harness.time_fn(lambda: (ck.clone(), v_last.clone()), device, flush=flush)
+    t = harness.time_fn(fix, device, flush=flush, reps=reps)
+    clone = harness.time_fn(lambda: (ck.clone(), v_last.clone()), device, flush=flush, reps=reps)
     out["fixup"] = dict(**t.summary(), clone_overhead_median_ms=clone.median_ms)
     return out
 
 
 def run(device: torch.device, configs, inputs, dtypes, N: int, resnet_batch: int, t0: int, horizon: int,
-        seed: int, quiet: bool = False) -> dict:
+        seed: int, quiet: bool = False, reps: int = 20) -> dict:
     rows = []
     T = t0 + horizon
     families = {}
@@ -194,7 +198,7 @@ def run(device: torch.device, configs, inputs, dtypes, N: int, resnet_batch: int
                 bar.update()
     bar.close()
     node = _node("lif-tau2")
-    timing = kernel_timings(device, N, gaussian_currents(T, N, 1.0, seed, device), node, t0)
+    timing = kernel_timings(device, N, gaussian_currents(T, N, 1.0, seed, device), node, t0, reps)
     return dict(rows=rows, timing=timing)
 
 
@@ -205,7 +209,7 @@ def main(args) -> dict:
     dtypes = [harness.DTYPES[d] for d in harness.parse_names(args.dtypes, harness.DTYPES, "dtype")]
     env = harness.environment(device)
     result = run(device, configs, inputs, dtypes, args.neurons, args.resnet_batch, args.warmup_steps,
-                 args.horizon, args.seed, args.quiet)
+                 args.horizon, args.seed, args.quiet, args.reps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"shard-{device.type}"
@@ -213,7 +217,7 @@ def main(args) -> dict:
     payload = {"benchmark": "shard", "environment": harness.finish_environment(env),
                "params": dict(configs=configs, inputs=inputs, dtypes=args.dtypes, neurons=args.neurons,
                               resnet_batch=args.resnet_batch, warmup_steps=args.warmup_steps,
-                              horizon=args.horizon, seed=args.seed),
+                              horizon=args.horizon, seed=args.seed, reps=args.reps),
                "measured": {"fixup": result["rows"], "kernel_timings_this_device": result["timing"]},
                "modelled": {"hardware_stated": model.hardware_dict(hw), "fig6": {}}}
     if not args.no_plots:
