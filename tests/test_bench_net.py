@@ -65,19 +65,22 @@ def test_breakdown_attributes_backward_to_the_forward_layer():
     assert parts["conv"] > 0.5 * sum(parts.values()), parts
 
 
+class Fake:
+    """A method whose gradient is ``scale`` times the right one."""
+    def __init__(self, scale):
+        self.p = torch.nn.Parameter(torch.ones(3))
+        self.scale, self.loss = scale, None
+
+    def step(self):
+        self.p.grad = None
+        self.loss = (self.p * self.scale).sum()
+        self.loss.backward()
+
+    def gradients(self):
+        return {"p": self.p.grad.clone()}
+
+
 def test_check_fails_a_method_with_wrong_gradients():
-    class Fake:
-        def __init__(self, scale):
-            self.p = torch.nn.Parameter(torch.ones(3))
-            self.scale, self.loss = scale, None
-
-        def step(self):
-            self.p.grad = None
-            self.loss = (self.p * self.scale).sum()
-            self.loss.backward()
-
-        def gradients(self):
-            return {"p": self.p.grad.clone()}
     result = net.check({"torch": Fake(1.0), "temporal_fusion": Fake(1.0), "temporal_fusion+spike_bits": Fake(1.5)},
                        "train")
     assert result["temporal_fusion"]["check_ok"] and result["temporal_fusion"]["grad_rel_diff_vs_torch"] == 0
@@ -88,18 +91,6 @@ def test_check_fails_a_method_with_wrong_gradients():
 def test_check_bound_for_folded_batch_norm():
     # fold_bn may flip a spike within rounding of the threshold (see net.FOLD_GRAD_TOLERANCE):
     # its bound is wider, the other methods' is not, and an O(1) error fails both.
-    class Fake:
-        def __init__(self, scale):
-            self.p = torch.nn.Parameter(torch.ones(3))
-            self.scale, self.loss = scale, None
-
-        def step(self):
-            self.p.grad = None
-            self.loss = (self.p * self.scale).sum()
-            self.loss.backward()
-
-        def gradients(self):
-            return {"p": self.p.grad.clone()}
     ok = net.check({"torch": Fake(1.0), "temporal_fusion": Fake(1.005), "temporal_fusion+fold_bn": Fake(1.005)},
                    "train")
     assert not ok["temporal_fusion"]["check_ok"] and ok["temporal_fusion+fold_bn"]["check_ok"]

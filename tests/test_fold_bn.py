@@ -209,6 +209,27 @@ def _grads_differ(grads_a, grads_b, rel, floor=1e-2):
     return [k for k in grads_a if not _close(grads_a[k], grads_b[k], rel, floor * largest)]
 
 
+def _assert_runs_agree(a, b, tol, train, step=None):
+    """Two runs' (output, loss, gradients, state) agree within ``tol``; gradients only when training."""
+    (out_a, loss_a, grads_a, state_a), (out_b, loss_b, grads_b, state_b) = a, b
+    assert _close(out_a, out_b, tol["out"]) and _close(loss_a, loss_b, tol["out"]), step
+    assert grads_a.keys() == grads_b.keys() and bool(grads_a) == train
+    bad = _grads_differ(grads_a, grads_b, tol["grad"], tol["floor"])
+    assert not bad, f"gradients differ beyond {tol['grad']}: {bad}"
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(state_a[k], state_b[k]), k
+        else:
+            assert _close(state_a[k], state_b[k], tol["stats"]), k
+
+
+def _fold_launches(expressions) -> tuple[int, int]:
+    """(FOLD forwards, FOLD backwards) among the launched variants."""
+    return tuple(sum(e.startswith(kernel) and e.endswith(", true>") for e in expressions)
+                 for kernel in ("neuron_forward", "neuron_backward"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_folded_network_equals_unfolded(name, dtype):
@@ -233,21 +254,9 @@ def test_folded_network_equals_unfolded(name, dtype):
             b = _run(fold, x, label, train)
         finally:
             _host.launch = original
-        (out_a, loss_a, grads_a, state_a), (out_b, loss_b, grads_b, state_b) = a, b
-        assert _close(out_a, out_b, tol["out"]) and _close(loss_a, loss_b, tol["out"])
-        assert grads_a.keys() == grads_b.keys() and (bool(grads_a) == train)
-        bad = _grads_differ(grads_a, grads_b, tol["grad"], tol["floor"])
-        assert not bad, f"gradients differ beyond {tol['grad']}: {bad}"
-        assert state_a.keys() == state_b.keys()
-        for k in state_a:
-            if k.endswith("num_batches_tracked"):
-                assert torch.equal(state_a[k], state_b[k]), k
-            else:
-                assert _close(state_a[k], state_b[k], tol["stats"]), k
+        _assert_runs_agree(a, b, tol, train)
     # The fast path ran: every folded pair launched a FOLD forward (and backward when training).
-    fold_forwards = [e for e in expressions if e.startswith("neuron_forward") and e.endswith(", true>")]
-    fold_backwards = [e for e in expressions if e.startswith("neuron_backward") and e.endswith(", true>")]
-    assert len(fold_forwards) == 4 * FOLDED_PAIRS[name] and len(fold_backwards) == 2 * FOLDED_PAIRS[name]
+    assert _fold_launches(expressions) == (4 * FOLDED_PAIRS[name], 2 * FOLDED_PAIRS[name])
 
 
 def test_unfoldable_patterns_are_left_alone():
@@ -377,19 +386,8 @@ def test_spikformer_with_named_pairs_equals_unfolded(dtype):
             b = _cd_run(net, x, label, train)
         finally:
             _host.launch = original
-        (out_a, loss_a, grads_a, state_a), (out_b, loss_b, grads_b, state_b) = a, b
-        assert _close(out_a, out_b, tol["out"]) and _close(loss_a, loss_b, tol["out"]), step
-        assert grads_a.keys() == grads_b.keys() and bool(grads_a) == train
-        bad = _grads_differ(grads_a, grads_b, tol["grad"], tol["floor"])
-        assert not bad, f"gradients differ beyond {tol['grad']}: {bad}"
-        for k in state_a:
-            if k.endswith("num_batches_tracked"):
-                assert torch.equal(state_a[k], state_b[k]), k
-            else:
-                assert _close(state_a[k], state_b[k], tol["stats"]), k
-    fold_forwards = [e for e in expressions if e.startswith("neuron_forward") and e.endswith(", true>")]
-    fold_backwards = [e for e in expressions if e.startswith("neuron_backward") and e.endswith(", true>")]
-    assert len(fold_forwards) == 5 * len(pairs) and len(fold_backwards) == 3 * len(pairs)
+        _assert_runs_agree(a, b, tol, train, step)
+    assert _fold_launches(expressions) == (5 * len(pairs), 3 * len(pairs))
 
 
 def test_named_pairs_are_checked():
