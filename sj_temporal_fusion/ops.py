@@ -155,9 +155,9 @@ def _backward_outputs(x: Tensor, num_states: int, num_params: int, mask: int, wa
 
 def spike_gradient(grad: Optional[Tensor], x: Tensor) -> Tensor:
     """dL/dspike as the backward kernels read it: (T, *) contiguous, or one step's (*) row when every
-    step's gradient is the same row (autograd's expanded gradient of ``spike.sum()`` or ``mean()``,
-    stride 0 over time), read at every step instead of copied T times; None (spike unused) is a
-    zero row."""
+    step's gradient is the same row (stride 0 over time: autograd's expanded gradient of
+    ``spike.sum()`` or ``spike.sum(0)``; ``mean()``'s arrives dense), read at every step instead of
+    copied T times; None (spike unused) is a zero row."""
     if grad is None:
         return x.new_zeros(x.shape[1:])
     if grad.is_contiguous():

@@ -78,10 +78,11 @@ def shard_fixup(x: Tensor, v_true: Tensor, checkpoints: Tensor, spike: Tensor, v
                             v_last=v_last, params=params, model=spec.model, form=spec.form)
 
 
-def shard_backward(grad_spike: Tensor, grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
+def shard_backward(grad_spike: Optional[Tensor], grad_v_seq: Optional[Tensor], grad_v_last: Optional[Tensor],
                    carry_in: Optional[Tensor], x: Tensor, checkpoints: Tensor, spec: NeuronSpec,
                    params: Tensor, want_grad_x: bool, want_a: bool, param_grad_mask: int = 0):
-    """-> grad_x (T, N) or None, grad_v_init (N,) state dtype, A (N,) state dtype or None, the
+    """``grad_spike`` as autograd hands it (any layout, None when spike is unused: ops.spike_gradient).
+    -> grad_x (T, N) or None, grad_v_init (N,) state dtype, A (N,) state dtype or None, the
     parameter gradients (NP,) summed over neurons (learnable entries, ``param_grad_mask``) or None.
     The carry entering the slice's last step is grad_v_last + carry_in, and
     grad_v_init = A * carry_in + (grad_v_init at carry_in = 0)."""

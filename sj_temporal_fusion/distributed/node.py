@@ -122,7 +122,6 @@ class _ShardedNeuron(torch.autograd.Function):
         T, N = x.shape
         acc = ops.state_dtype(x.dtype)
         transport.flush()  # the forward's sends: a peer that died since then is named here
-        grad_spike = ops.spike_gradient(grad_spike, x)
         g_last = None if grad_v_last is None else grad_v_last.contiguous()
         g_seq = None if grad_v_seq is None or grad_v_seq.numel() == 0 else grad_v_seq.contiguous()
         own = None
