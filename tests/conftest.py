@@ -1,6 +1,10 @@
+import dataclasses
+import json
 import os
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,13 @@ import torch  # noqa: E402
 
 # Tests run on the CPU host build unless marked gpu; keep them deterministic and quick.
 torch.manual_seed(0)
+
+# pytest-xdist (./dev test runs a worker per CPU): the workers share the CPUs, so each takes its
+# share of torch's threads and of the prebuild's compiler processes.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CPUS = len(os.sched_getaffinity(0))
+if WORKERS > 1:
+    torch.set_num_threads(max(1, CPUS // WORKERS))
 
 STATE_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
                torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -101,9 +112,11 @@ def pytest_collection_modifyitems(config, items):
         selected = quick_subset(items)
         config.hook.pytest_deselected(items=[item for item in items if item not in set(selected)])
         items[:] = selected
-    # The tests of every GPU variant's machine code run last: their compile starts in the
+    # The tests of every GPU variant's machine code run last, and so do their modules (xdist
+    # --dist loadscope hands a module to one worker whole): their compile starts in the
     # background when the run starts (pytest_collection_finish) and overlaps everything else.
-    items.sort(key=_uses_package_resources)
+    waiting = {item.module.__name__ for item in items if _uses_package_resources(item)}
+    items.sort(key=lambda item: (item.module.__name__ in waiting, _uses_package_resources(item)))
     if has_cuda():
         return
     reason = "needs a CUDA device and CuPy (this machine has " + (
@@ -124,6 +137,7 @@ def require_nvrtc():
     return nvrtc
 
 
+@pytest.hookimpl(tryfirst=True)  # before an xdist worker reports its collection: tests start after
 def pytest_collection_finish(session):
     """Build the host kernel variants the selected tests declare (tests/_prebuild.py) before they
     run: batched and in parallel, several times faster than one at a time from an empty cache;
@@ -142,7 +156,9 @@ def _prebuild_host_variants(session):
     if not count:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    seconds = sum(_host.prebuild(names, *flags) for flags, names in wanted.items())
+    # Every xdist worker prebuilds the same list: a variant another worker is building is skipped.
+    jobs = max(1, CPUS // WORKERS)
+    seconds = sum(_host.prebuild(names, *flags, jobs=jobs) for flags, names in wanted.items())
     session.config.stash[_PREBUILT] = (count, seconds)
     if reporter is not None:
         reporter.write_line(f"host kernel variants declared by the selected tests: {count}, "
@@ -157,8 +173,11 @@ def _start_package_resources(session):
     """Every GPU variant through NVRTC and ptxas for sm_80 and sm_90 is minutes of CPU on one
     thread per architecture, while most tests keep one core busy: when selected tests need it
     (the ``package_resources`` fixture), it starts now, in the background, after the host
-    prebuild."""
+    prebuild. Under xdist only the first worker compiles; it leaves the result in a file the
+    worker that runs those tests reads."""
     if session.config.option.collectonly or not any(map(_uses_package_resources, session.items)):
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
         return
     try:
         from cupy.cuda import nvrtc
@@ -166,9 +185,45 @@ def _start_package_resources(session):
     except Exception:
         return  # the fixture skips, saying why
     from sj_temporal_fusion import _sass
+    shared = _shared_resources(session.config)
+    shared.with_suffix(".started").touch()
+
+    def compile_and_share():
+        try:
+            result = _sass.package_resources(_sass.ARCHS)
+        except BaseException as exc:
+            shared.with_suffix(".error").write_text(repr(exc))
+            raise
+        tmp = shared.with_suffix(".tmp")
+        tmp.write_text(json.dumps({arch: [dataclasses.asdict(r) for r in rows] for arch, rows in result.items()}))
+        tmp.rename(shared)
+        return result
+
     pool = ThreadPoolExecutor(max_workers=1)
-    session.config.stash[_PACKAGE_RESOURCES] = pool.submit(_sass.package_resources, _sass.ARCHS)
+    session.config.stash[_PACKAGE_RESOURCES] = pool.submit(compile_and_share)
     pool.shutdown(wait=False)
+
+
+def _shared_resources(config) -> Path:
+    """Where the first xdist worker leaves ``package_resources`` (the run's temporary folder,
+    shared by its workers)."""
+    base = config._tmp_path_factory.getbasetemp()
+    return (base.parent if hasattr(config, "workerinput") else base) / "package_resources.json"
+
+
+def _shared_package_resources(config):
+    """``package_resources`` compiled by the first xdist worker, once it is done; None when it
+    did not start it."""
+    from sj_temporal_fusion import _sass
+    shared = _shared_resources(config)
+    if not shared.with_suffix(".started").exists():
+        return None
+    while not shared.exists():
+        if shared.with_suffix(".error").exists():
+            pytest.fail(f"the first worker's compile failed: {shared.with_suffix('.error').read_text()}")
+        time.sleep(1)
+    rows = json.loads(shared.read_text())
+    return {arch: [_sass.KernelResources(**r) for r in found] for arch, found in rows.items()}
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +232,10 @@ def package_resources(request):
     require_nvrtc()
     from sj_temporal_fusion import _sass
     future = request.config.stash.get(_PACKAGE_RESOURCES, None)
-    return future.result() if future is not None else _sass.package_resources(_sass.ARCHS)
+    if future is not None:
+        return future.result()
+    shared = _shared_package_resources(request.config)
+    return shared if shared is not None else _sass.package_resources(_sass.ARCHS)
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ def _libraries(cache):
     return sorted((cache / "host").glob("*/libtf.so"))
 
 
+@pytest.mark.slow  # compiles in subprocesses
 def test_first_call_compiles_one_variant_and_says_where(tmp_path):
     first = _run(tmp_path)
     assert first.returncode == 0, first.stderr
@@ -36,6 +37,7 @@ def test_first_call_compiles_one_variant_and_says_where(tmp_path):
     assert again.stdout == first.stdout
 
 
+@pytest.mark.slow  # compiles in subprocesses
 @pytest.mark.parametrize("damage", ["truncate", "zero_middle"])
 def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
     good = _run(tmp_path)
@@ -55,6 +57,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
     assert len(lib.read_bytes()) == len(data)  # rebuilt in place, whole again
 
 
+@pytest.mark.slow  # a subprocess
 def test_missing_compiler_is_named(tmp_path):
     out = _run(tmp_path, CXX="/nonexistent/g++")
     assert out.returncode != 0
@@ -77,6 +80,7 @@ def _build_in_child(cache, queue):
     queue.put("ok")
 
 
+@pytest.mark.slow  # compiles in subprocesses
 def test_parallel_processes_build_a_variant_once(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -18,6 +18,7 @@ def lif_run(tmp_path_factory):
     return out, payload
 
 
+@pytest.mark.slow  # a benchmark run in a subprocess
 def test_cli_writes_json_csv_and_plots(lif_run):
     out, payload = lif_run
     data = json.loads((out / "lif-cpu.json").read_text())
@@ -35,6 +36,7 @@ def test_cli_writes_json_csv_and_plots(lif_run):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # the benchmark run
 def test_every_case_timed_or_explained(lif_run):
     _, payload = lif_run
     for r in payload["results"]:
@@ -183,6 +185,7 @@ def test_timing_reports_wall_time_and_flush_reads():
     assert torch.equal(flush.buffer, before)  # read, not written
 
 
+@pytest.mark.slow  # a benchmark run
 def test_grad_sum_and_the_other_generations_method(tmp_path):
     """--grad sum: the dL/dspike that spike.sum() passes (a 1 expanded to (T, N)), checked against
     the fp64 reference as a random one is; under 0.0.0.0.14 method spikingjelly2 is skipped, saying why."""

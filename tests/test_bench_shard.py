@@ -1,4 +1,6 @@
 """bench shard (sj_temporal_fusion/bench/shard.py) and its speedup models (bench/shard_model.py)."""
+import pytest
+
 import sj_temporal_fusion  # noqa: F401
 
 
@@ -15,6 +17,7 @@ def test_eq5_and_its_optimum():
     assert four["backward_s"] < one["backward_s"]
 
 
+@pytest.mark.slow  # process groups
 def test_bench_shard_runs_small(tmp_path):
     """The benchmark end to end at a toy size (gaussian input only): rows, timings, figures."""
     import argparse

@@ -1,5 +1,6 @@
 """bench tune (sj_temporal_fusion/bench/tune.py): shapes the kernels cannot launch are skipped
 with the ptxas register count, decided on the CPU from the compiled sm_90 machine code."""
+import pytest
 import torch
 
 from sj_temporal_fusion import _cuda, _sass
@@ -16,6 +17,7 @@ def test_a_shape_beyond_the_register_file_is_refused_with_the_reason():
     assert tune.launch_problem(256, [light, heavy]) is None
 
 
+@pytest.mark.slow  # NVRTC compiles
 def test_launch_problem_follows_the_compiled_registers_of_each_shape():
     """Real compile of the training kernels at 4 lanes (the issue's 174-register case) for sm_90."""
     require_nvrtc()

@@ -1,6 +1,8 @@
 """The demo's report (experiments/demo.py) and Table 1's accuracy-over-seeds section
 (experiments/report.py), on fabricated results: what a reader is told, and that it cannot be
 one seed dressed up as a result."""
+import pytest
+
 from experiments import demo, report
 
 
@@ -59,6 +61,7 @@ def test_table1_seeds_section_lists_every_seed_and_warns_under_three():
     assert any("fewer than 3 seeds" in note for note in table.notes)
 
 
+@pytest.mark.slow  # two training runs
 def test_first_steps_agree_at_step_one_on_real_digits():
     import torch
     from experiments import config as configs

@@ -6,6 +6,7 @@ carry). NCCL tests need two GPUs and are skipped elsewhere, saying so."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
 
@@ -25,19 +26,22 @@ RESETS = [0.0, -0.2, None]
 
 def parity_cases(k):
     """Every kind x reset x dtype, each at three lengths not divisible by k (one with slices
-    longer than a 16-step checkpoint chunk); the other options vary from case to case."""
+    longer than a 16-step checkpoint chunk). The options that pick a kernel variant (surrogate,
+    decay_input, detach_reset, store_v_seq) vary from one kind x reset x dtype to the next and are
+    shared by its three lengths, so the lengths reuse one set of variants (their compile, not the
+    sharding, was most of this test's time); the loss and the shape vary from case to case."""
     from spikingjelly.activation_based import surrogate as S
     surrogates = [S.Sigmoid(alpha=4.0), S.ATan(alpha=2.5), S.PiecewiseQuadratic(alpha=1.5), S.Erf(alpha=2.5)]
     cases, i = [], 0
-    for kind in KINDS:
-        for v_reset in RESETS:
-            for dtype in DTYPES:
-                for T in (k + 1, 37, 71):
-                    cases.append(dict(kind=kind, v_reset=v_reset, dtype=dtype, T=T, seed=i,
-                                      decay_input=bool(i % 2), detach_reset=i % 5 == 0,
-                                      surrogate=surrogates[i % len(surrogates)], store_v_seq=i % 3 == 0,
-                                      loss_on_v=i % 2 == 1, shape=(3, 37) if i % 4 else (111,)))
-                    i += 1
+    for g, (kind, v_reset, dtype) in enumerate(itertools.product(KINDS, RESETS, DTYPES)):
+        a, b, c = KINDS.index(kind), RESETS.index(v_reset), DTYPES.index(dtype)
+        # Every pair of these factors' values meets in some kind x reset x dtype.
+        options = dict(surrogate=surrogates[(a + b + c) % len(surrogates)], decay_input=(b + c) % 2 == 0,
+                       detach_reset=g % 5 == 0, store_v_seq=g % 3 == 0)
+        for T in (k + 1, 37, 71):
+            cases.append(dict(kind=kind, v_reset=v_reset, dtype=dtype, T=T, seed=i, **options,
+                              loss_on_v=i % 2 == 1, shape=(3, 37) if i % 4 else (111,)))
+            i += 1
     return cases
 
 
@@ -142,7 +146,7 @@ def _planning_worker(rank, k, cases):
 
 @pytest.fixture(scope="module")
 def parity_variants_built(tmp_path_factory):
-    """The parity cases' ~300 host variants, found by a planning run of the ranks and built in
+    """The parity cases' ~100 host variants, found by a planning run of the ranks and built in
     parallel batches before the timed groups start (one at a time inside the ranks, from an empty
     cache, they took minutes). Every k launches the same variants (only T differs)."""
     from sj_temporal_fusion import _host
@@ -150,7 +154,7 @@ def parity_variants_built(tmp_path_factory):
     _host.prebuild(dict.fromkeys(name for r in sorted(planned) for name in planned[r]))
 
 
-@pytest.mark.slow  # ~300 host variants and three process groups
+@pytest.mark.slow  # ~100 host variants and three process groups
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_forward_and_backward_match_one_process(k, tmp_path, parity_variants_built):
     cases = parity_cases(k)
@@ -189,6 +193,7 @@ def _fault_worker(rank, k, victim, mode, timeout):
     return "finished", "", time.monotonic() - start
 
 
+@pytest.mark.slow  # process groups waiting out timeouts
 @pytest.mark.parametrize("mode", ["die", "stall"])
 def test_dead_or_silent_rank_fails_the_others_in_time(mode, tmp_path):
     k, victim, timeout = 3, 1, 3.0
@@ -242,6 +247,7 @@ def _mismatch_worker(rank, k):
     return out
 
 
+@pytest.mark.slow  # a process group
 def test_mismatched_slices_are_clear_errors_on_both_sides(tmp_path):
     results = results_ok(run_group(2, _mismatch_worker, tmp_path=tmp_path, timeout=90))
     for rank, out in results.items():
@@ -326,6 +332,7 @@ def _network_worker(rank, k, T, with_resnet):
     return report
 
 
+@pytest.mark.slow  # process groups
 @pytest.mark.parametrize("k", [2, 3])
 def test_whole_network_training_step_matches_one_process(k, tmp_path):
     """Spiking-ResNet18 (LIF, batch norm; on 2 ranks) and a small conv/PLIF/IF net with

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ON_CPU = str(ROOT / "tests" / "_smoke_on_cpu.py")
 
 
+@pytest.mark.slow  # ranks in subprocesses
 def test_cpu_run_passes_as_one_command(tmp_path):
     out = tmp_path / "smoke.json"
     done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", ON_CPU, "--json", str(out)],
@@ -90,6 +91,7 @@ def test_a_cpu_device_without_an_nccl_maker_is_refused():
         smoke.run("cpu", log=lambda line: None)
 
 
+@pytest.mark.slow  # ranks in subprocesses
 def test_ranks_cpu_run_under_torchrun(tmp_path):
     """The stages that need two or more GPUs, as torchrun runs them, on two CPU processes (gloo
     for the torch engine, the NCCL emulation for the CuPy engine)."""

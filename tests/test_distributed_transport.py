@@ -54,6 +54,7 @@ def _nccl_rules_worker(rank, k, api, cases):
     return problems, t.comm.violations
 
 
+@pytest.mark.slow  # process groups
 @pytest.mark.parametrize("k,api", [(2, 14), (3, 13)])
 def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path):
     """A third of the gloo parity grid (every kind, reset and dtype; forward, backward, a
@@ -70,6 +71,7 @@ def _mismatch_under_nccl_worker(rank, k):
     return td._mismatch_worker(rank, k)
 
 
+@pytest.mark.slow  # process groups
 def test_mismatches_are_clear_errors_on_both_sides_under_nccl_rules(tmp_path):
     results = results_ok(run_group(2, _mismatch_under_nccl_worker, tmp_path=tmp_path, timeout=120))
     for rank, out in results.items():
@@ -97,6 +99,7 @@ def _setup_worker(rank, k, api, available):
     return "ok", theirs[0].item(), time.monotonic() - start
 
 
+@pytest.mark.slow  # process groups
 @pytest.mark.parametrize("api", [14, 13])
 def test_communicator_set_up_with_cupy_14_and_13_signatures(api, tmp_path):
     results = results_ok(run_group(2, _setup_worker, api, [True, True], tmp_path=tmp_path, timeout=90))
@@ -105,6 +108,7 @@ def test_communicator_set_up_with_cupy_14_and_13_signatures(api, tmp_path):
         assert value == float((rank - 1) % 2)
 
 
+@pytest.mark.slow  # process groups
 def test_missing_nccl_is_named_on_every_rank(tmp_path):
     results = results_ok(run_group(2, _setup_worker, 14, [True, False], tmp_path=tmp_path, timeout=90))
     for rank, (status, message, elapsed) in results.items():
@@ -137,6 +141,7 @@ def _silent_worker(rank, k, where):
     return "finished", "", time.monotonic() - start
 
 
+@pytest.mark.slow  # process groups
 @pytest.mark.parametrize("where", ["check-in", "init", "collective"])
 def test_waits_are_bounded_when_a_rank_never_answers(where, tmp_path):
     """A rank that never checks in, whose ncclCommInitRank never returns, or that never joins a
@@ -265,6 +270,7 @@ def _rank0_against_silent_peer(scenario, tmp_path):
     return results_ok(run_group(2, _silent_peer_worker, scenario, tmp_path=tmp_path, timeout=60))[0]
 
 
+@pytest.mark.slow  # process groups
 def test_lone_receive_times_out_and_never_hands_out_garbage(tmp_path):
     (first, msg1, t1), (second, msg2, t2) = _rank0_against_silent_peer("lone receive", tmp_path)
     assert first == second == "TimeShardingError", (msg1, msg2)
@@ -273,6 +279,7 @@ def test_lone_receive_times_out_and_never_hands_out_garbage(tmp_path):
     assert t2 - t1 < 0.5 and msg2 == msg1
 
 
+@pytest.mark.slow  # process groups
 def test_receive_from_itself_without_a_send_is_refused_at_once(tmp_path):
     """As NCCL refuses it (ncclInvalidUsage at ncclGroupEnd), not queued until a timeout."""
     ((first, msg1, t1), (second, msg2, _)), open_groups, aborted = _one_rank("receive from itself", tmp_path)
@@ -313,6 +320,7 @@ def test_emulation_pairs_messages_to_itself_within_one_group_only():
     assert torch.equal(got, sent) and streams.done(streams.record(stream))
 
 
+@pytest.mark.slow  # process groups
 def test_failure_inside_an_nccl_group_closes_the_group(tmp_path):
     raised, again, open_groups = _one_rank("failure inside a group", tmp_path)
     assert raised is not None and "injected failure" in raised, raised
@@ -320,29 +328,34 @@ def test_failure_inside_an_nccl_group_closes_the_group(tmp_path):
     assert again is not None and "injected failure" in again
 
 
+@pytest.mark.slow  # process groups
 def test_watchdog_selects_the_device_before_querying_events(tmp_path):
     queried, selected = _one_rank("watchdog device", tmp_path)
     assert queried and selected
 
 
+@pytest.mark.slow  # process groups
 def test_watchdog_abort_does_not_race_an_enqueue(tmp_path):
     raised, violations, aborted = _rank0_against_silent_peer("abort during enqueue", tmp_path)
     assert violations == [], violations
     assert aborted and "lone failed" in raised, raised
 
 
+@pytest.mark.slow  # process groups
 def test_asynchronous_nccl_errors_are_polled(tmp_path):
     message, elapsed = _one_rank("asynchronous error", tmp_path)
     assert "asynchronous error" in message, message
     assert elapsed < 10, elapsed
 
 
+@pytest.mark.slow  # process groups
 def test_flush_waits_for_side_stream_sends(tmp_path):
     message, elapsed = _rank0_against_silent_peer("flush", tmp_path)
     assert "unreceived send" in message, message
     assert 0.9 < elapsed < 8.0, elapsed
 
 
+@pytest.mark.slow  # process groups
 def test_watchdog_sees_a_host_stuck_inside_nccl(tmp_path):
     message, elapsed = _one_rank("stuck in groupEnd", tmp_path)
     assert "stuck on the host inside NCCL" in message, message

@@ -41,6 +41,7 @@ def test_text_report_names_every_device_and_the_verdict(capsys):
     assert "devices:" in out and "[  ok] cpu:" in out and out.rstrip().endswith("all devices pass")
 
 
+@pytest.mark.slow  # a subprocess
 def test_no_compiler_and_an_empty_cache_fail_with_the_fix(tmp_path):
     """Real failure: a fresh process whose CXX points at nothing and whose kernel cache is empty
     must build the host kernels and cannot."""

@@ -302,6 +302,7 @@ def _check_complete(metrics: dict, out: Path, backend: str) -> None:
     assert env["device"]["type"] == DEVICE[backend] and env["device"]["name"]
 
 
+@pytest.mark.slow  # tiny training runs
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_tiny_run_writes_complete_metrics(tiny_runs, arch, backend):
@@ -317,6 +318,7 @@ def test_a_tiny_run_writes_complete_metrics(tiny_runs, arch, backend):
         assert run["fused_calls"] == 0
 
 
+@pytest.mark.slow  # tiny training runs
 def test_backends_start_from_the_same_weights_data_and_spikes(tiny_runs):
     # The first epoch of a one-batch run reports the loss before any update: the backends share
     # the seed, the batch and the Poisson draws, so only the neuron arithmetic may differ.
@@ -326,6 +328,7 @@ def test_backends_start_from_the_same_weights_data_and_spikes(tiny_runs):
         assert losses[0] == pytest.approx(losses[1], rel=1e-4), arch
 
 
+@pytest.mark.slow  # tiny training runs
 def test_synthetic_event_run_says_its_accuracy_is_meaningless(tiny_runs):
     run = tiny_runs[1]["spiking_resnet18", "synthetic", "temporal_fusion"]
     m = run["metrics"]
@@ -369,6 +372,7 @@ def test_cupy_test_epoch_times_the_cupy_kernels_not_torchscript():
 
 # ---------------------------------------------------------------- the table
 
+@pytest.mark.slow  # tiny training runs
 def test_table_from_the_tiny_runs(tiny_runs, tmp_path):
     root, results = tiny_runs
     table = report.build(report.load_runs(root))
@@ -419,6 +423,7 @@ def _rows(md: str, heading: str) -> dict:
     return {(r[0], r[1]): r for r in rows}
 
 
+@pytest.mark.slow  # tiny training runs
 def test_two_runs_of_one_cell_are_an_error(tiny_runs):
     runs = report.load_runs(tiny_runs[0] / "spiking_resnet34_digits")
     with pytest.raises(ValueError, match=f"two runs of spiking_resnet34 / digits / {runs[0]['backend']}"):
@@ -437,6 +442,7 @@ def test_paper_table_is_complete():
     assert first == {"accuracy": 98.18, "train_seconds": 170.31, "test_seconds": 10.52}
 
 
+@pytest.mark.slow  # training runs in subprocesses
 def test_table1_command_runs_configs_by_backends_and_retabulates(tmp_path):
     out = tmp_path / "t"
     argv = [sys.executable, str(ROOT / "experiments" / "table1.py"), "--configs",
@@ -459,6 +465,7 @@ def test_table1_command_runs_configs_by_backends_and_retabulates(tmp_path):
 
 # ---------------------------------------------------------------- data parallel
 
+@pytest.mark.slow  # torchrun with two processes
 def test_torchrun_with_two_gloo_processes_reproduces_one_process(tmp_path):
     # float64: in float32, rounding differences between one and two processes flip a few spikes
     # (thresholds) and Adam's first steps, lr * sign(g), amplify them, so runs drift apart; in

@@ -179,8 +179,10 @@ def _vgg(dtype):
 ZOO = {"spiking_resnet18": lambda d: _resnet(spiking_resnet, d), "sew_resnet18": lambda d: _resnet(sew_resnet, d),
        "vgg": _vgg}
 FOLDED_PAIRS = {"spiking_resnet18": 9, "sew_resnet18": 17, "vgg": 3}
+# stats: relative to the largest running statistic, which may be a mean far smaller than the
+# values it averages (fp32: 1.1e-6 seen in one thread, where the reduction order differs).
 TOL = {torch.float64: dict(out=1e-12, grad=1e-9, floor=1e-2, stats=1e-12),
-       torch.float32: dict(out=1e-5, grad=1e-3, floor=1.0, stats=1e-6)}
+       torch.float32: dict(out=1e-5, grad=1e-3, floor=1.0, stats=1e-5)}
 
 
 def _run(net, x, label, train):

@@ -202,6 +202,7 @@ def test_register_and_unregister_are_symmetric():
     assert sj_temporal_fusion.registered() and node(x).shape == x.shape
 
 
+@pytest.mark.slow  # a subprocess
 def test_whole_model_loads_in_a_fresh_process(tmp_path):
     """Constructed or assigned, the backend pickles as this package's name: loading imports (and so
     registers) it in a process that never imported sj_temporal_fusion."""

@@ -182,6 +182,7 @@ def _ddp_rank(rank, k, name):
     return per_rank
 
 
+@pytest.mark.slow  # process groups
 @pytest.mark.parametrize("name", ["spikformer", "spike_driven_plif"])
 def test_distributed_data_parallel_equals_one_process(name, tmp_path):
     k = 2

@@ -31,6 +31,7 @@ def smoke(tmp_path_factory):
     return code, out, json.loads((out / "validation.json").read_text())
 
 
+@pytest.mark.slow  # every stage in a subprocess
 def test_cpu_smoke_runs_every_stage_or_says_why_not(smoke):
     code, out, report = smoke
     by_name = {s["name"]: s for s in report["stages"]}
@@ -54,6 +55,7 @@ def test_cpu_smoke_runs_every_stage_or_says_why_not(smoke):
         stages.CPU_SMOKE_BUDGETS["pytest_gpu"]
 
 
+@pytest.mark.slow  # the smoke run
 def test_prebuild_built_every_variant_the_stages_launched(smoke):
     """Each stage that launches kernels recorded them; none launched a variant the prebuild
     had not built, so no stage spent its budget compiling; the prebuild says how long it took."""
@@ -111,6 +113,7 @@ def test_full_run_fits_eight_minutes():
     assert set(stages.BUDGETS) == set(STAGE_NAMES) == set(stages.CPU_SMOKE_BUDGETS)
 
 
+@pytest.mark.slow  # the smoke run
 def test_summary_digests_the_stages(smoke):
     _, out, _ = smoke
     md = (out / "summary.md").read_text()
@@ -128,6 +131,7 @@ def test_a_stage_over_its_budget_is_cut_and_says_so(tmp_path):
     assert "| bench_lif | cut |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow  # ./dev gpu in a subprocess
 def test_dev_gpu_entry_point(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "dev"), "gpu", "--cpu-smoke", "--stages", "doctor", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -145,6 +145,7 @@ def _enumerations_missing(new: str, registered: set, shardable: set, folder: Pat
     return missing
 
 
+@pytest.mark.slow  # a subprocess compiling a new model
 def test_a_new_model_is_picked_up(new_model):
     from test_functional import _grid, run_case
     from sj_temporal_fusion.bench import traffic

@@ -73,6 +73,7 @@ def test_wheel_holds_every_kernel_source(wheel):
     assert needed and needed <= shipped, f"the wheel lacks {sorted(needed - shipped)}"
 
 
+@pytest.mark.slow  # a wheel installed and run in a fresh venv
 def test_installed_wheel_runs_every_model_from_an_empty_cache(wheel, tmp_path):
     site = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",

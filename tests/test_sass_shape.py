@@ -94,6 +94,7 @@ def test_backward_recompute_loads_ahead(sass):
     assert longest_load_run(sass(backward_variant(m, torch.float32, 2, 7 | 8, False))) >= 8
 
 
+@pytest.mark.slow  # NVRTC compiles of many variants
 def test_no_branch_on_the_options(sass):
     m = REGISTRY["lif"]
     counts = {}

@@ -202,6 +202,7 @@ def test_pickles_naming_the_former_module_still_load():
     assert out.stdout.decode().strip() == "temporal_fusion"
 
 
+@pytest.mark.slow  # a subprocess
 def test_whole_model_loads_in_a_fresh_process(tmp_path):
     """A pickled model that uses the backend names this package, so unpickling imports (and so
     registers) it: loading works in a process that never imported sj_temporal_fusion."""
