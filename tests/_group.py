@@ -19,7 +19,7 @@ _report_progress = None  # set in a rank by _entry
 def progress():
     """Call from a rank's function between units of work (a parity case): the parent's deadline
     for that rank restarts. With a cold kernel cache each unit first compiles its kernels, and a
-    whole group's first run (about 300 variants at k = 2) takes longer than any one hang bound."""
+    whole group's first run (about 130 variants at k = 2) takes longer than any one hang bound."""
     if _report_progress is not None:
         _report_progress()
 
@@ -27,7 +27,7 @@ def progress():
 # ---------------------------------------------------------------- process-group harness
 
 # What every rank imports, loaded once by the forkserver the ranks are forked from: a spawned
-# rank paid ~3 s of CPU importing them, on each of the suite's ~100 ranks.
+# rank paid ~3 s of CPU importing them, on each of the suite's dozens of ranks.
 PRELOAD = ["torch", "torch.distributed", "spikingjelly.activation_based.neuron", "sj_temporal_fusion",
            "sj_temporal_fusion.distributed"]
 
