@@ -112,9 +112,11 @@ def pytest_collection_modifyitems(config, items):
         selected = quick_subset(items)
         config.hook.pytest_deselected(items=[item for item in items if item not in set(selected)])
         items[:] = selected
-    # The tests of every GPU variant's machine code run last, and so do their modules (xdist
-    # --dist loadscope hands a module to one worker whole): their compile starts in the
-    # background when the run starts (pytest_collection_finish) and overlaps everything else.
+    # The tests of every GPU variant's machine code run last, their modules too in one process:
+    # their compile starts in the background when the run starts (pytest_collection_finish) and
+    # overlaps everything else. (xdist --dist loadscope hands out the modules with most tests
+    # first, so one worker may wait there for the compile while the other goes on; the compile
+    # keeps the CPUs busy meanwhile.)
     waiting = {item.module.__name__ for item in items if _uses_package_resources(item)}
     items.sort(key=lambda item: (item.module.__name__ in waiting, _uses_package_resources(item)))
     if has_cuda():
