@@ -1,11 +1,12 @@
 """Fresh (T, *) outputs on the CPU backed by transparent huge pages where Linux offers them.
 
 A new 32 MiB tensor comes from a fresh mmap (glibc hands out large blocks so), and the kernel's
-first write to each 4 KiB page faults: on a 2-core VM (under another test run's load) filling 32 MiB
-of new memory took 23 ms, against 13 ms once the block was advised MADV_HUGEPAGE (one fault per
-2 MiB); LIF's training step at T=32, N=262,144 went from 38 to 26 ms so. The hint covers only the advised tensor's whole 2 MiB
-extents and ends with its mapping; PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every
-allocation, but it is read once when torch starts, so a library cannot turn it on.
+first write to each 4 KiB page faults: on a 2-core VM (under another test run's load) filling
+32 MiB of new memory took 23 ms, against 13 ms once the block was advised MADV_HUGEPAGE (one fault
+per 2 MiB); LIF's training step at T=32, N=262,144 went from 38 to 26 ms so. The hint covers only
+the advised tensor's whole 2 MiB extents and ends with its mapping; PyTorch's
+THP_MEM_ALLOC_ENABLE=1 does the same for every allocation, but it is read once when torch starts,
+so a library cannot turn it on.
 Where madvise is missing or refuses (not Linux, THP compiled out), the tensor is left as it is."""
 from __future__ import annotations
 

@@ -62,13 +62,14 @@ def _entry(rank, k, init_file, q, fn, args, environ, cwd):
 
 
 def run_group(k, fn, *args, tmp_path, timeout=SPAWN_TIMEOUT, expect_dead=()):
-    """Run ``fn(rank, k, *args)`` on k gloo ranks, forked from a server that has the imports. Returns {rank: ("ok", result) or
-    ("raised", (type, message, traceback))}; ranks in ``expect_dead`` may report nothing."""
+    """Run ``fn(rank, k, *args)`` on k gloo ranks, forked from a server that has the imports.
+    Returns {rank: ("ok", result) or ("raised", (type, message, traceback))}; ranks in
+    ``expect_dead`` may report nothing."""
     ctx = _context()
     q = ctx.Queue()
     init_file = tmp_path / f"init_{fn.__name__}_{k}_{time.monotonic_ns()}"
-    procs = [ctx.Process(target=_entry, args=(r, k, str(init_file), q, fn, args, dict(os.environ), os.getcwd()),
-                         daemon=True)
+    here = (dict(os.environ), os.getcwd())
+    procs = [ctx.Process(target=_entry, args=(r, k, str(init_file), q, fn, args, *here), daemon=True)
              for r in range(k)]
     for p in procs:
         p.start()

@@ -206,6 +206,9 @@ def _start_package_resources(session):
     pool.shutdown(wait=False)
 
 
+SHARED_COMPILE_TIMEOUT = 1800  # s; the compile takes ~3 minutes on 2 busy cores
+
+
 def _shared_resources(config) -> Path:
     """Where the first xdist worker leaves ``package_resources`` (the run's temporary folder,
     shared by its workers)."""
@@ -220,9 +223,12 @@ def _shared_package_resources(config):
     shared = _shared_resources(config)
     if not shared.with_suffix(".started").exists():
         return None
+    deadline = time.monotonic() + SHARED_COMPILE_TIMEOUT
     while not shared.exists():
         if shared.with_suffix(".error").exists():
             pytest.fail(f"the first worker's compile failed: {shared.with_suffix('.error').read_text()}")
+        if time.monotonic() > deadline:  # the first worker died mid-compile: fail, do not hang CI
+            pytest.fail(f"no result from the first worker's compile in {SHARED_COMPILE_TIMEOUT} s: {shared}")
         time.sleep(1)
     rows = json.loads(shared.read_text())
     return {arch: [_sass.KernelResources(**r) for r in found] for arch, found in rows.items()}

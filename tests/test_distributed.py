@@ -33,8 +33,8 @@ def parity_cases(k):
     from spikingjelly.activation_based import surrogate as S
     surrogates = [S.Sigmoid(alpha=4.0), S.ATan(alpha=2.5), S.PiecewiseQuadratic(alpha=1.5), S.Erf(alpha=2.5)]
     cases, i = [], 0
-    for g, (kind, v_reset, dtype) in enumerate(itertools.product(KINDS, RESETS, DTYPES)):
-        a, b, c = KINDS.index(kind), RESETS.index(v_reset), DTYPES.index(dtype)
+    for g, (a, b, c) in enumerate(itertools.product(*(range(len(f)) for f in (KINDS, RESETS, DTYPES)))):
+        kind, v_reset, dtype = KINDS[a], RESETS[b], DTYPES[c]
         # Every pair of these factors' values meets in some kind x reset x dtype.
         options = dict(surrogate=surrogates[(a + b + c) % len(surrogates)], decay_input=(b + c) % 2 == 0,
                        detach_reset=g % 5 == 0, store_v_seq=g % 3 == 0)
@@ -146,7 +146,7 @@ def _planning_worker(rank, k, cases):
 
 @pytest.fixture(scope="module")
 def parity_variants_built(tmp_path_factory):
-    """The parity cases' ~100 host variants, found by a planning run of the ranks and built in
+    """The parity cases' ~130 host variants, found by a planning run of the ranks and built in
     parallel batches before the timed groups start (one at a time inside the ranks, from an empty
     cache, they took minutes). Every k launches the same variants (only T differs)."""
     from sj_temporal_fusion import _host
@@ -154,7 +154,7 @@ def parity_variants_built(tmp_path_factory):
     _host.prebuild(dict.fromkeys(name for r in sorted(planned) for name in planned[r]))
 
 
-@pytest.mark.slow  # ~100 host variants and three process groups
+@pytest.mark.slow  # ~130 host variants and three process groups
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_forward_and_backward_match_one_process(k, tmp_path, parity_variants_built):
     cases = parity_cases(k)
