@@ -15,14 +15,16 @@ from sj_temporal_fusion.variants import backward_variant, forward_variant
 
 
 def call_variants(model: str, dtype: torch.dtype, options: dict, surrogate_function, param_grads: bool,
-                  grad: bool = True) -> list[str]:
+                  grad: bool = True, fold_bn: bool = False) -> list[str]:
     """The variants ``functional.neuron_multi_step(x_seq of dtype, model=model, **options)`` launches:
-    its forward, and with ``grad`` the backward (``param_grads``: a learnable option takes part)."""
+    its forward, and with ``grad`` the backward (``param_grads``: a learnable option takes part;
+    ``fold_bn``: a BatchNorm folded in)."""
     m = REGISTRY[model]
     o = dict(m.defaults, **options)
-    names = [forward_variant(m, dtype, m.forward_form(o))]
+    names = [forward_variant(m, dtype, m.forward_form(o), fold_bn)]
     if grad:
-        names.append(backward_variant(m, dtype, surrogate.spec(surrogate_function).id, m.form(o), param_grads))
+        names.append(backward_variant(m, dtype, surrogate.spec(surrogate_function).id, m.form(o), param_grads,
+                                      fold_bn))
     return names
 
 

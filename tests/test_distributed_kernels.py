@@ -12,9 +12,11 @@ from sj_temporal_fusion.distributed import kernels as K
 from sj_temporal_fusion.distributed.scan import compose, scan_rounds
 from sj_temporal_fusion.functional import lif_multi_step, neuron_multi_step
 from sj_temporal_fusion.neurons import REGISTRY
+from sj_temporal_fusion.variants import backward_variant, fixup_variant, forward_variant
 
 from _grid import DTYPES, RESETS, grad_tolerance
 from _models import MODELS
+from _prebuild import call_variants
 
 KINDS = ["if", "lif", "plif"]
 
@@ -28,6 +30,39 @@ def _setup(kind, dtype, v_reset, decay_input, T=41, N=263, seed=0):
     spec = K.NeuronSpec.from_options(model="lif", w=w, **options)
     params = K.neuron_parameters(dict(model="lif", w=w, **options), x)[0]
     return x, w, options, spec, params
+
+
+# What each parametrized test launches besides the one-device run: the sharded forward, the fix-up,
+# the backward (grad_x from a carry; the carry factor A without grad_x).
+LAUNCHES = {"test_speculate_then_fix_up_equals_one_run_bitwise": ("forward", "fixup"),
+            "test_backward_is_affine_in_the_carry": ("forward", "backward"),
+            "test_every_one_state_model_shards_exactly": ("forward", "fixup", "backward")}
+
+
+def kernel_variants(item):
+    """The host variants of a parametrized case (tests/_prebuild.py): the one-device run's, then
+    the sharded kernels' for the same options."""
+    launches, p = LAUNCHES.get(item.originalname), item.callspec.params
+    if launches is None:
+        return None
+    if "model" in p:
+        model, dtype, full = p["model"], torch.float32, _model_options(p["model"])
+    else:
+        model, dtype = "lif", p["dtype"]
+        decay_input = item.originalname == "test_backward_is_affine_in_the_carry" or p["kind"] != "if"
+        _, w, full, _, _ = _setup(p["kind"], dtype, p["v_reset"], decay_input, T=2, N=1)
+        full = dict(full, w=w)
+    spec, m = K.NeuronSpec.from_options(model=model, **full), REGISTRY[model]
+    options = {k: v for k, v in full.items() if k != "surrogate_function"}
+    names = call_variants(model, dtype, options, full.get("surrogate_function"), param_grads=False,
+                          grad="backward" in launches)
+    names.append(forward_variant(m, dtype, spec.form))
+    if "fixup" in launches:
+        names.append(fixup_variant(m, dtype, spec.form))
+    if "backward" in launches:
+        names += [backward_variant(m, dtype, spec.surrogate_id, spec.backward_form, False, shard=shard)
+                  for shard in (False, True)]
+    return [(name, False, False) for name in names]
 
 
 def _v0(x, v_reset):
@@ -136,16 +171,21 @@ def test_kernels_are_in_the_nvrtc_list():
         assert bool(shard) == model.shardable
 
 
+def _model_options(model):
+    """The model's first grid options, its learnable parameters as plain tensors."""
+    mc = MODELS[model]
+    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
+    return dict(options, **{k: v.detach() for k, v in mc.learnable(options).items()})
+
+
 @pytest.mark.parametrize("model", [name for name, m in REGISTRY.items() if m.shardable])
 def test_every_one_state_model_shards_exactly(model):
     """Speculate the second half of a sequence from a wrong state, fix it up from the true one:
     spikes, v and the carry-affine backward equal the one-device run."""
     mc = MODELS[model]
-    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
+    full = _model_options(model)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(40, 300, generator=g) * mc.x_scale + mc.x_shift
-    learn = {k: v.detach() for k, v in mc.learnable(options).items()}
-    full = dict(options, **learn)
     s_ref, (v_ref,), _ = neuron_multi_step(x, model=model, **full)
     spec = K.NeuronSpec.from_options(model=model, **full)
     params = K.neuron_parameters(dict(full, model=model), x)[0]

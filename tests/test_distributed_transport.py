@@ -18,6 +18,7 @@ import torch
 import _nccl_emulation as emu
 from _group import results_ok, run_group
 import test_distributed as td
+from test_distributed import parity_variants_built  # noqa: F401  (a fixture)
 
 
 def _install(rank, k, timeout=30.0, device=None, **emulation):
@@ -56,9 +57,11 @@ def _nccl_rules_worker(rank, k, api, cases):
 
 @pytest.mark.slow  # process groups
 @pytest.mark.parametrize("k,api", [(2, 14), (3, 13)])
-def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path):
+def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path, parity_variants_built):
     """A third of the gloo parity grid (every kind, reset and dtype; forward, backward, a
-    continued second call) over the CuPy NCCL transport with NCCL's pairing rules."""
+    continued second call) over the CuPy NCCL transport with NCCL's pairing rules. Its host
+    variants are built in batches first, as for the gloo grid (one at a time in the ranks they
+    took a minute)."""
     cases = td.parity_cases(k)[::3]
     results = results_ok(run_group(k, _nccl_rules_worker, api, cases, tmp_path=tmp_path))
     problems = [p for r in sorted(results) for p in results[r][0]]

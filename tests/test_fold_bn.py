@@ -27,6 +27,8 @@ from sj_temporal_fusion import _host, functional as F, ops
 from sj_temporal_fusion.optimize import fold_pairs, folded, optimized
 from sj_temporal_fusion.reference import neuron_reference
 
+from _prebuild import call_variants
+
 LIF = dict(tau=1.25, decay_input=False, v_threshold=0.3, surrogate_function=S.Sigmoid(alpha=4.))
 
 
@@ -48,6 +50,24 @@ def _x_eff(x, scale, shift, inner, channels):
     return (x4 * scale.view(-1, 1)).add(shift.view(-1, 1)).reshape(x.shape)  # multiply, then add
 
 
+def _x_eff_options(model):
+    if model == "lif":
+        return dict(v_threshold=0.7, kind="plif", w=torch.tensor(-0.4, dtype=torch.float64, requires_grad=True))
+    return {}
+
+
+def kernel_variants(item):
+    """The host variants of ``test_folded_kernel_equals_unfolded_on_x_eff`` (tests/_prebuild.py):
+    the folded ones in x's dtype, the unfolded ones in the state dtype x_eff is computed in."""
+    if item.originalname != "test_folded_kernel_equals_unfolded_on_x_eff":
+        return None
+    model, dtype, gpu_shape = (item.callspec.params[k] for k in ("model", "dtype", "gpu_shape"))
+    options = dict(_x_eff_options(model), store_v_seq=True)
+    names = [name for x_dtype, fold in ((dtype, True), (ops.state_dtype(dtype), False))
+             for name in call_variants(model, x_dtype, options, S.Sigmoid(alpha=4.), model == "lif", fold_bn=fold)]
+    return [(name, gpu_shape, False) for name in names]
+
+
 @pytest.mark.parametrize("gpu_shape", [False, True], ids=["cpu_shape", "gpu_shape"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("model", ["lif", "izhikevich"])
@@ -55,9 +75,7 @@ def test_folded_kernel_equals_unfolded_on_x_eff(model, dtype, gpu_shape):
     # Bit for bit: spikes, final state, v_seq and (backward) dL/dx_eff and the parameter gradient.
     x, scale, shift, inner, channels = _case(dtype)
     x_eff = _x_eff(x, scale, shift, inner, channels)  # in the state dtype: what the kernel reads
-    options = dict(v_threshold=0.7) if model == "lif" else {}
-    if model == "lif":
-        options.update(kind="plif", w=torch.tensor(-0.4, dtype=torch.float64, requires_grad=True))
+    options = _x_eff_options(model)
     g = torch.Generator().manual_seed(5)
     grad_spike = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)  # exact in both runs
     results = []

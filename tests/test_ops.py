@@ -9,6 +9,7 @@ from sj_temporal_fusion import ops
 from sj_temporal_fusion.functional import lif_multi_step, parameter_tensor
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.surrogate import DEFAULT_ID
+from sj_temporal_fusion.variants import backward_variant, forward_variant
 
 from _grid import spiking_resnet18
 from _models import MODELS
@@ -26,6 +27,18 @@ def _forward_args(model, dtype=torch.float32, T=19, N=(7, 10), store_v_seq=True,
     aux = torch.zeros(N, dtype=acc, requires_grad=True) if m.num_states == 2 else torch.empty(0, dtype=acc)
     return (x, v0, aux, params, model, m.forward_form(o), m.form(o), DEFAULT_ID, 4.0, 0.0,
             mask if learnable else 0, store_v_seq, save)
+
+
+def kernel_variants(item):
+    """The host variants of ``test_opcheck_neuron_forward`` (tests/_prebuild.py): opcheck runs
+    the forward and, through autograd, the backward of ``_forward_args``."""
+    if item.originalname != "test_opcheck_neuron_forward":
+        return None
+    model, dtype = item.callspec.params["model"], item.callspec.params["dtype"]
+    m, args = REGISTRY[model], _forward_args(model, dtype, T=1, N=(1,))
+    forward_form, form, surrogate_id, param_grad_mask = args[5], args[6], args[7], args[10]
+    return [(name, False, False) for name in (forward_variant(m, dtype, forward_form),
+                                              backward_variant(m, dtype, surrogate_id, form, param_grad_mask != 0))]
 
 
 @pytest.mark.parametrize("model", list(REGISTRY))

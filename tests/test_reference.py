@@ -10,6 +10,7 @@ from sj_temporal_fusion.functional import lif_multi_step
 from sj_temporal_fusion.reference import surrogate_grad
 
 from _grid import SURROGATES
+from _prebuild import call_variants
 
 # Points on both sides of every kink (|x| = 1/alpha, w, 0, 1) and far out.
 X = torch.cat([torch.linspace(-3, 3, 601, dtype=torch.float64),
@@ -35,6 +36,18 @@ def test_reference_surrogate_matches_spikingjelly(name):
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=1e-12)
 
 
+# The kernel check's neuron: IF, detach_reset, fp64.
+KERNEL_OPTIONS = dict(kind="if", v_threshold=0.5, detach_reset=True)
+
+
+def kernel_variants(item):
+    """The host variants of a surrogate's kernel check (tests/_prebuild.py)."""
+    if item.originalname != "test_kernel_surrogate_table_matches_reference":
+        return None
+    sg = SURROGATES[item.callspec.params["name"]]()
+    return [(name, False, False) for name in call_variants("lif", torch.float64, KERNEL_OPTIONS, sg, False)]
+
+
 @pytest.mark.parametrize("name", list(SURROGATES))
 def test_kernel_surrogate_table_matches_reference(name):
     """One step from v_init = 0 with x = threshold + X: grad_x = g'(X) exactly where the kernel
@@ -42,8 +55,8 @@ def test_kernel_surrogate_table_matches_reference(name):
     sg = SURROGATES[name]()
     spec = specs.spec(sg)
     x = (X + 0.5).reshape(1, -1).clone().requires_grad_()
-    spike, _, _ = lif_multi_step(x, torch.zeros(X.shape, dtype=torch.float64), kind="if", v_threshold=0.5,
-                                 detach_reset=True, surrogate_function=sg)
+    spike, _, _ = lif_multi_step(x, torch.zeros(X.shape, dtype=torch.float64), surrogate_function=sg,
+                                 **KERNEL_OPTIONS)
     grad, = torch.autograd.grad(spike.sum(), x)
     expected = surrogate_grad(spec.id, x.detach()[0] - 0.5, spec.a, spec.b)
     torch.testing.assert_close(grad[0], expected, rtol=1e-13, atol=1e-13)
