@@ -49,6 +49,7 @@ def kernel_variants(item):
         model, dtype, full = p["model"], torch.float32, _model_options(p["model"])
     else:
         model, dtype = "lif", p["dtype"]
+        # decay_input as each test passes it to _setup (a test launching anything undeclared fails)
         decay_input = item.originalname == "test_backward_is_affine_in_the_carry" or p["kind"] != "if"
         _, w, full, _, _ = _setup(p["kind"], dtype, p["v_reset"], decay_input, T=2, N=1)
         full = dict(full, w=w)
