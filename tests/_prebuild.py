@@ -2,7 +2,8 @@
 front (``_host.prebuild``: several per g++ run, one run per CPU) instead of one g++ run at a time
 as each test first needs one. A test module declares the variants of its parametrized cases with
 ``kernel_variants(item) -> [(expression, emulate_gpu, count_bytes), ...]`` (None: not declared),
-the arguments of ``_host.library``; conftest fails
+the arguments of ``_host.library``; a bare expression stands for the plain build
+``(expression, False, False)``. conftest fails
 a declared test that launches a variant it did not declare, so the declarations cannot drift from
 what the tests run."""
 from __future__ import annotations
@@ -30,7 +31,10 @@ def call_variants(model: str, dtype: torch.dtype, options: dict, surrogate_funct
 
 def declared(item) -> list[tuple[str, bool, bool]] | None:
     hook = getattr(item.module, "kernel_variants", None)
-    return None if hook is None or not hasattr(item, "callspec") else hook(item)
+    variants = None if hook is None or not hasattr(item, "callspec") else hook(item)
+    if variants is None:
+        return None
+    return [(v, False, False) if isinstance(v, str) else tuple(v) for v in variants]
 
 
 def declared_by_flags(items) -> dict[tuple[bool, bool], list[str]]:

@@ -63,7 +63,7 @@ def kernel_variants(item):
     if "backward" in launches:
         names += [backward_variant(m, dtype, spec.surrogate_id, spec.backward_form, False, shard=shard)
                   for shard in (False, True)]
-    return [(name, False, False) for name in names]
+    return names
 
 
 def _v0(x, v_reset):

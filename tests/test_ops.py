@@ -37,8 +37,8 @@ def kernel_variants(item):
     model, dtype = item.callspec.params["model"], item.callspec.params["dtype"]
     m, args = REGISTRY[model], _forward_args(model, dtype, T=1, N=(1,))
     forward_form, form, surrogate_id, param_grad_mask = args[5], args[6], args[7], args[10]
-    return [(name, False, False) for name in (forward_variant(m, dtype, forward_form),
-                                              backward_variant(m, dtype, surrogate_id, form, param_grad_mask != 0))]
+    return [forward_variant(m, dtype, forward_form),
+            backward_variant(m, dtype, surrogate_id, form, param_grad_mask != 0)]
 
 
 @pytest.mark.parametrize("model", list(REGISTRY))

@@ -45,7 +45,7 @@ def kernel_variants(item):
     if item.originalname != "test_kernel_surrogate_table_matches_reference":
         return None
     sg = SURROGATES[item.callspec.params["name"]]()
-    return [(name, False, False) for name in call_variants("lif", torch.float64, KERNEL_OPTIONS, sg, False)]
+    return call_variants("lif", torch.float64, KERNEL_OPTIONS, sg, False)
 
 
 @pytest.mark.parametrize("name", list(SURROGATES))

@@ -51,7 +51,7 @@ def kernel_variants(item):
     options = node_options(node)
     names = call_variants(options.pop("model"), case["dtype"], options, options.pop("surrogate_function"),
                           param_grads=any(True for _ in node.parameters()), grad=case["training"])
-    return [(name, False, False) for name in names]
+    return names
 
 
 def _make(case, backend):
