@@ -2,7 +2,7 @@
 NCCL's rules emulated (_nccl_emulation.py) under the transport's own watchdog. ``./dev gpu
 --cpu-smoke`` runs it; so do the tests. Arguments as the smoke command's, the device the CPU:
 
-    python -W error::DeprecationWarning tests/_smoke_on_cpu.py --json out.json
+    python tests/_smoke_on_cpu.py --json out.json
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_smoke_on_cpu.py --ranks
 """
 import sys

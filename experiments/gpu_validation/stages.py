@@ -34,15 +34,13 @@ VARIANTS_FILE = "variants.json"  # the prebuild's plan: {stage: {build: [express
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A python command line: interpreter ``flags`` (-W ...), then ``target`` (-m MODULE ...,
-    -c CODE ... or SCRIPT ...)."""
+    """A python command line's ``target`` (-m MODULE ..., -c CODE ... or SCRIPT ...)."""
     target: tuple
-    flags: tuple = ()
 
     def recorded(self, log: Path, launch: bool = True) -> list[str]:
         """The command run under ``record``: its launches logged to ``log`` (``launch`` False:
         recorded only, nothing compiled or run)."""
-        return [python(), *self.flags, "-m", "experiments.gpu_validation.record", "--log", str(log),
+        return [python(), "-m", "experiments.gpu_validation.record", "--log", str(log),
                 *([] if launch else ["--no-launch"]), "--", *self.target]
 
 
@@ -219,10 +217,12 @@ def nccl_smoke_command(ctx: Context, json_path: Path) -> Command:
     """The single-GPU NCCL smoke run of the time-sharded node (docs/time_sharding.md): shard
     kernels on CUDA against the host build, a one-rank communicator's send/receive to itself, a
     receive from itself without a send (NCCL refuses it at once), a one-rank TimeShardedNode
-    against one device, all under -W error::DeprecationWarning; on the CPU the same stages with
-    NCCL emulated (test code)."""
+    against one device, each stage with DeprecationWarning as an error (the smoke run sets that
+    itself: an interpreter-wide -W would also fail on SpikingJelly 0.0.0.0.14's import, whose
+    @torch.jit.script torch 2.11 deprecates); on the CPU the same stages with NCCL emulated
+    (test code)."""
     target = ("-m", "sj_temporal_fusion.distributed.smoke") if ctx.cuda else (str(ROOT / "tests" / "_smoke_on_cpu.py"),)
-    return Command(target + ("--json", str(json_path)), flags=("-W", "error::DeprecationWarning"))
+    return Command(target + ("--json", str(json_path)))
 
 
 def plan_nccl_smoke(ctx: Context, tmp: Path) -> Command:

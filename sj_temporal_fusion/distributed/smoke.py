@@ -1,12 +1,12 @@
 """Single-GPU smoke run of time sharding over NCCL (NCCL refuses two ranks on one GPU, so this is
 what one GPU can show; docs/time_sharding.md lists what needs two or more).
 
-    python -W error::DeprecationWarning -m sj_temporal_fusion.distributed.smoke            # a GPU
+    python -m sj_temporal_fusion.distributed.smoke            # a GPU
     # two or more GPUs, one process each (what one GPU cannot show):
-    python -W error::DeprecationWarning -m torch.distributed.run --standalone --nproc-per-node 2 \
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
         -m sj_temporal_fusion.distributed.smoke --ranks
     # in a checkout, the same stages on the CPU with NCCL emulated (test code, not installed):
-    python -W error::DeprecationWarning tests/_smoke_on_cpu.py [--ranks under torchrun]
+    python tests/_smoke_on_cpu.py [--ranks under torchrun]
 
 Stages (``run`` returns one record per stage; ``./dev gpu`` calls the command):
   1. the shard kernels on CUDA against the host build: forward and fix-up, bit for bit, for
@@ -18,7 +18,8 @@ Stages (``run`` returns one record per stage; ``./dev gpu`` calls the command):
      and not return. A receive that waits and then times out needs a peer that never sends, so
      a second rank, so a second GPU: the ``--ranks`` run and the CPU tests cover that;
   4. a one-rank ``TimeShardedNode`` forward and backward against the single-device result.
-Everything runs with DeprecationWarning as an error (CuPy 14 deprecates APIs CuPy 13 had).
+Every stage runs with DeprecationWarning as an error (CuPy 14 deprecates APIs CuPy 13 had); the
+imports before them do not, since torch 2.11 deprecates SpikingJelly 0.0.0.0.14's @torch.jit.script.
 ``run``, ``run_ranks`` and ``main`` take ``make_nccl(device, timeout)``, the maker of the CuPy NCCL
 transport; the CPU run passes an emulation of NCCL's rules there, bounded by the same watchdog.
 """
