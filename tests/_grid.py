@@ -39,6 +39,21 @@ def covering(factors: dict, plus: list[dict] = ()) -> list[dict]:
     return cases + list(plus)
 
 
+# The time-sharding tests' groups: kind x reset x dtype.
+SHARD_KINDS = ["if", "lif", "plif"]
+_SHARD_SURROGATES = ("Sigmoid", "ATan", "PiecewiseQuadratic", "Erf")
+
+
+def shard_group_options(kind: str, v_reset, dtype: torch.dtype) -> dict:
+    """The options that pick a kernel variant (surrogate, decay_input, detach_reset, store_v_seq)
+    for one kind x reset x dtype group of the time-sharding tests. test_distributed's parity cases
+    and test_distributed_kernels both take them from here, so they launch the same host variants
+    and those are built once. Every pair of these options' values meets in some group."""
+    a, b, c = SHARD_KINDS.index(kind), RESETS.index(v_reset), DTYPES.index(dtype)
+    g = (a * len(RESETS) + b) * len(DTYPES) + c
+    return dict(surrogate=SURROGATES[_SHARD_SURROGATES[(a + b + c) % len(_SHARD_SURROGATES)]](),
+                decay_input=(b + c) % 2 == 0, detach_reset=g % 5 == 0, store_v_seq=g % 3 == 0)
+
 def case_id(case: dict) -> str:
     def short(v):
         if isinstance(v, torch.dtype):

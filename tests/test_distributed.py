@@ -13,31 +13,21 @@ import time
 import pytest
 import torch
 
-from _grid import grad_tolerance
+from _grid import DTYPES, RESETS, SHARD_KINDS, grad_tolerance, shard_group_options
 from _group import SPAWN_TIMEOUT, progress, results_ok, run_group  # noqa: F401  (spawned ranks import them)
 
 
 # ---------------------------------------------------------------- parity of one layer
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-KINDS = ["if", "lif", "plif"]
-RESETS = [0.0, -0.2, None]
-
-
 def parity_cases(k):
     """Every kind x reset x dtype, each at three lengths not divisible by k (one with slices
-    longer than a 16-step checkpoint chunk). The options that pick a kernel variant (surrogate,
-    decay_input, detach_reset, store_v_seq) vary from one kind x reset x dtype to the next and are
-    shared by its three lengths, so the lengths reuse one set of variants (their compile, not the
-    sharding, was most of this test's time); the loss and the shape vary from case to case."""
-    from spikingjelly.activation_based import surrogate as S
-    surrogates = [S.Sigmoid(alpha=4.0), S.ATan(alpha=2.5), S.PiecewiseQuadratic(alpha=1.5), S.Erf(alpha=2.5)]
+    longer than a 16-step checkpoint chunk). The options that pick a kernel variant vary from one
+    kind x reset x dtype to the next (``shard_group_options``) and are shared by its three
+    lengths, so the lengths reuse one set of variants (their compile, not the sharding, was most
+    of this test's time); the loss and the shape vary from case to case."""
     cases, i = [], 0
-    for g, (a, b, c) in enumerate(itertools.product(*(range(len(f)) for f in (KINDS, RESETS, DTYPES)))):
-        kind, v_reset, dtype = KINDS[a], RESETS[b], DTYPES[c]
-        # Every pair of these factors' values meets in some kind x reset x dtype.
-        options = dict(surrogate=surrogates[(a + b + c) % len(surrogates)], decay_input=(b + c) % 2 == 0,
-                       detach_reset=g % 5 == 0, store_v_seq=g % 3 == 0)
+    for kind, v_reset, dtype in itertools.product(SHARD_KINDS, RESETS, DTYPES):
+        options = shard_group_options(kind, v_reset, dtype)
         for T in (k + 1, 37, 71):
             cases.append(dict(kind=kind, v_reset=v_reset, dtype=dtype, T=T, seed=i, **options,
                               loss_on_v=i % 2 == 1, shape=(3, 37) if i % 4 else (111,)))

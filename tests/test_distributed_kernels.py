@@ -4,8 +4,6 @@ affine backward, against the one-device kernels (functional.neuron_multi_step), 
 the algorithm promises it, for every model with one state variable."""
 import pytest
 import torch
-from spikingjelly.activation_based import surrogate
-
 import sj_temporal_fusion  # noqa: F401
 from sj_temporal_fusion import ops
 from sj_temporal_fusion.distributed import kernels as K
@@ -14,19 +12,20 @@ from sj_temporal_fusion.functional import lif_multi_step, neuron_multi_step
 from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.variants import backward_variant, fixup_variant, forward_variant
 
-from _grid import DTYPES, RESETS, grad_tolerance
+from _grid import DTYPES, RESETS, SHARD_KINDS as KINDS, grad_tolerance, shard_group_options
 from _models import MODELS
 from _prebuild import call_variants
 
-KINDS = ["if", "lif", "plif"]
-
-
-def _setup(kind, dtype, v_reset, decay_input, T=41, N=263, seed=0):
+def _setup(kind, dtype, v_reset, T=41, N=263, seed=0, **overrides):
+    """Inputs and options of one kind x reset x dtype; the options that pick a kernel variant are
+    test_distributed's for the same group (shard_group_options), so both modules share variants."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(T, N, generator=g) * 0.7 + 0.3).to(dtype)
     w = torch.tensor(-0.4)
-    options = dict(kind=kind, tau=1.7, decay_input=decay_input, v_threshold=0.4, v_reset=v_reset,
-                   surrogate_function=surrogate.ATan(alpha=2.5))
+    group = shard_group_options(kind, v_reset, dtype)
+    options = dict(kind=kind, tau=1.7, decay_input=group["decay_input"], v_threshold=0.4, v_reset=v_reset,
+                   detach_reset=group["detach_reset"], surrogate_function=group["surrogate"])
+    options.update(overrides)
     spec = K.NeuronSpec.from_options(model="lif", w=w, **options)
     params = K.neuron_parameters(dict(model="lif", w=w, **options), x)[0]
     return x, w, options, spec, params
@@ -49,9 +48,7 @@ def kernel_variants(item):
         model, dtype, full = p["model"], torch.float32, _model_options(p["model"])
     else:
         model, dtype = "lif", p["dtype"]
-        # decay_input as each test passes it to _setup (a test launching anything undeclared fails)
-        decay_input = item.originalname == "test_backward_is_affine_in_the_carry" or p["kind"] != "if"
-        _, w, full, _, _ = _setup(p["kind"], dtype, p["v_reset"], decay_input, T=2, N=1)
+        _, w, full, _, _ = _setup(p["kind"], dtype, p["v_reset"], T=2, N=1)
         full = dict(full, w=w)
     spec, m = K.NeuronSpec.from_options(model=model, **full), REGISTRY[model]
     options = {k: v for k, v in full.items() if k != "surrogate_function"}
@@ -78,7 +75,7 @@ def test_speculate_then_fix_up_equals_one_run_bitwise(dtype, kind, v_reset):
     """Split at several points, speculate the second part from bad guesses (including NaN and
     inf, which never match), fix it up from the true state: spikes, v_seq, the checkpoints the
     backward will use and the final state equal the unsplit run bit for bit."""
-    x, w, options, spec, params = _setup(kind, dtype, v_reset, decay_input=kind != "if")
+    x, w, options, spec, params = _setup(kind, dtype, v_reset)
     s_ref, v_ref, vs_ref = lif_multi_step(x, w=w, store_v_seq=True, **options)
     acc = ops.state_dtype(dtype)
     for t0, guess in [(1, 0.0), (17, 0.37), (16, float("nan")), (30, float("inf")), (40, -3.0)]:
@@ -120,7 +117,7 @@ def test_fix_up_length_is_zero_for_a_right_guess_and_full_for_soft_reset_if():
 def test_backward_is_affine_in_the_carry(dtype, kind, v_reset):
     """grad_v_init = A * carry_in + B, and the final pass from the true carry gives the unsplit
     gradient (bitwise when the carry is passed on exactly, as here)."""
-    x, w, options, spec, params = _setup(kind, dtype, v_reset, decay_input=True, seed=3)
+    x, w, options, spec, params = _setup(kind, dtype, v_reset, seed=3)
     g = torch.Generator().manual_seed(5)
     grad_spike = torch.randn(x.shape, generator=g).to(dtype)
     x_ref = x.clone().requires_grad_()
