@@ -115,8 +115,9 @@ def pytest_collection_modifyitems(config, items):
     # The tests of every GPU variant's machine code run last, their modules too in one process:
     # their compile starts in the background when the run starts (pytest_collection_finish) and
     # overlaps everything else. (xdist --dist loadscope hands out the modules with most tests
-    # first, so one worker may wait there for the compile while the other goes on; the compile
-    # keeps the CPUs busy meanwhile.)
+    # first, so they live in one small module, tests/test_sass.py, which comes late: a worker
+    # that took it earlier would wait there, its queue of other modules behind it, while the
+    # compile keeps only one CPU busy.)
     waiting = {item.module.__name__ for item in items if _uses_package_resources(item)}
     items.sort(key=lambda item: (item.module.__name__ in waiting, _uses_package_resources(item)))
     if has_cuda():
