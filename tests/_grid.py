@@ -54,6 +54,7 @@ def shard_group_options(kind: str, v_reset, dtype: torch.dtype) -> dict:
     return dict(surrogate=SURROGATES[_SHARD_SURROGATES[(a + b + c) % len(_SHARD_SURROGATES)]](),
                 decay_input=(b + c) % 2 == 0, detach_reset=g % 5 == 0, store_v_seq=g % 3 == 0)
 
+
 def case_id(case: dict) -> str:
     def short(v):
         if isinstance(v, torch.dtype):

@@ -4,6 +4,7 @@ affine backward, against the one-device kernels (functional.neuron_multi_step), 
 the algorithm promises it, for every model with one state variable."""
 import pytest
 import torch
+
 import sj_temporal_fusion  # noqa: F401
 from sj_temporal_fusion import ops
 from sj_temporal_fusion.distributed import kernels as K
@@ -15,6 +16,7 @@ from sj_temporal_fusion.variants import backward_variant, fixup_variant, forward
 from _grid import DTYPES, RESETS, SHARD_KINDS as KINDS, grad_tolerance, shard_group_options
 from _models import MODELS
 from _prebuild import call_variants
+
 
 def _setup(kind, dtype, v_reset, T=41, N=263, seed=0, **overrides):
     """Inputs and options of one kind x reset x dtype; the options that pick a kernel variant are
