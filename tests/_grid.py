@@ -46,7 +46,7 @@ _SHARD_SURROGATES = ("Sigmoid", "ATan", "PiecewiseQuadratic", "Erf")
 
 def shard_group_options(kind: str, v_reset, dtype: torch.dtype) -> dict:
     """The options that pick a kernel variant (surrogate, decay_input, detach_reset, store_v_seq)
-    for one kind x reset x dtype group of the time-sharding tests. test_distributed's parity cases
+    for one kind x reset x dtype group of the time-sharding tests. The parity cases (_parity.py)
     and test_distributed_kernels both take them from here, so they launch the same host variants
     and those are built once. Every pair of these options' values meets in some group."""
     a, b, c = SHARD_KINDS.index(kind), RESETS.index(v_reset), DTYPES.index(dtype)

@@ -267,3 +267,16 @@ def _launches_only_declared_variants(request, monkeypatch):
     undeclared = sorted(set(used) - set(wanted))
     assert not undeclared, (f"{request.node.nodeid} launched host variants its module's kernel_variants() "
                             f"does not declare (update it): {undeclared}")
+
+
+@pytest.fixture(scope="module")
+def parity_variants_built(tmp_path_factory):
+    """The time-sharding parity cases' ~130 host variants (tests/_parity.py; test_distributed and
+    test_distributed_transport run them), found by a planning run of the ranks and built in
+    parallel batches before the timed groups start (one at a time inside the ranks, from an empty
+    cache, they took minutes). Every k launches the same variants (only T differs)."""
+    from sj_temporal_fusion import _host
+    from _group import results_ok, run_group
+    from _parity import parity_cases, planning_worker
+    planned = results_ok(run_group(2, planning_worker, parity_cases(2), tmp_path=tmp_path_factory.mktemp("plan")))
+    _host.prebuild(dict.fromkeys(name for r in sorted(planned) for name in planned[r]))

@@ -20,7 +20,7 @@ from _prebuild import call_variants
 
 def _setup(kind, dtype, v_reset, T=41, N=263, seed=0, **overrides):
     """Inputs and options of one kind x reset x dtype; the options that pick a kernel variant are
-    test_distributed's for the same group (shard_group_options), so both modules share variants."""
+    the parity cases' for the same group (shard_group_options), so the two share variants."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(T, N, generator=g) * 0.7 + 0.3).to(dtype)
     w = torch.tensor(-0.4)

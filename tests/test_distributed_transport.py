@@ -17,8 +17,7 @@ import torch
 
 import _nccl_emulation as emu
 from _group import results_ok, run_group
-import test_distributed as td
-from test_distributed import parity_variants_built  # noqa: F401  (a fixture)
+from _parity import MISMATCHES, mismatch_worker, parity_cases, parity_worker
 
 
 def _install(rank, k, timeout=30.0, device=None, **emulation):
@@ -36,7 +35,7 @@ def _nccl_rules_worker(rank, k, api, cases):
     from spikingjelly.activation_based import neuron
     from sj_temporal_fusion.distributed import TimeShardedNode, time_slice
     t = _install(rank, k, api=api)
-    problems, _ = td._parity_worker(rank, k, cases)
+    problems, _ = parity_worker(rank, k, cases)
     # The slice length changes between calls that continue the state (T 5 -> 6 -> 9): only some
     # ranks' slice shapes change, so a header sent only on a shape change would shift every
     # later message on a pair.
@@ -62,7 +61,7 @@ def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path, parity_variant
     continued second call) over the CuPy NCCL transport with NCCL's pairing rules. Its host
     variants are built in batches first, as for the gloo grid (one at a time in the ranks they
     took a minute)."""
-    cases = td.parity_cases(k)[::3]
+    cases = parity_cases(k)[::3]
     results = results_ok(run_group(k, _nccl_rules_worker, api, cases, tmp_path=tmp_path))
     problems = [p for r in sorted(results) for p in results[r][0]]
     assert not problems, f"{len(problems)} mismatches on {k} ranks:\n" + "\n".join(problems[:40])
@@ -71,14 +70,14 @@ def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path, parity_variant
 
 def _mismatch_under_nccl_worker(rank, k):
     _install(rank, k, timeout=20)
-    return td._mismatch_worker(rank, k)
+    return mismatch_worker(rank, k)
 
 
 @pytest.mark.slow  # process groups
 def test_mismatches_are_clear_errors_on_both_sides_under_nccl_rules(tmp_path):
     results = results_ok(run_group(2, _mismatch_under_nccl_worker, tmp_path=tmp_path, timeout=120))
     for rank, out in results.items():
-        for what, needle in td.MISMATCHES.items():
+        for what, needle in MISMATCHES.items():
             kind, message = out[what]
             assert kind in ("TimeShardingError", "ValueError"), f"rank {rank}, {what}: {kind} {message}"
             assert needle in message and f"mismatch.{what}" in message, (rank, what, message)
