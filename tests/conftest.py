@@ -269,7 +269,7 @@ def _launches_only_declared_variants(request, monkeypatch):
                             f"does not declare (update it): {undeclared}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: its modules that run the grid share it
 def parity_variants_built(tmp_path_factory):
     """The time-sharding parity cases' ~130 host variants (tests/_parity.py; test_distributed and
     test_distributed_transport run them), found by a planning run of the ranks and built in
