@@ -113,6 +113,16 @@ def test_full_run_fits_eight_minutes():
     assert set(stages.BUDGETS) == set(STAGE_NAMES) == set(stages.CPU_SMOKE_BUDGETS)
 
 
+def test_the_nccl_smoke_interpreter_turns_no_warning_into_an_error(tmp_path):
+    """The first GPU run (H200, torch 2.11) failed its NCCL smoke at import: the command ran under
+    `python -W error::DeprecationWarning`, and torch 2.11 deprecates the @torch.jit.script that
+    SpikingJelly 0.0.0.0.14 applies on import. The smoke run makes DeprecationWarning an error
+    around its stages itself; the interpreter must not do it for everything it imports."""
+    ctx = Context(tmp_path, "cuda", False, True, dict(stages.BUDGETS))
+    argv = stages.nccl_smoke_command(ctx, tmp_path / "smoke.json").recorded(tmp_path / "log")
+    assert not any(a.startswith("-W") for a in argv[1:argv.index("-m")]), argv
+
+
 @pytest.mark.slow  # the smoke run
 def test_summary_digests_the_stages(smoke):
     _, out, _ = smoke
