@@ -35,10 +35,10 @@ def kernel_variants(item):
     if item.originalname != "test_opcheck_neuron_forward":
         return None
     model, dtype = item.callspec.params["model"], item.callspec.params["dtype"]
-    m, args = REGISTRY[model], _forward_args(model, dtype, T=1, N=(1,))
-    forward_form, form, surrogate_id, param_grad_mask = args[5], args[6], args[7], args[10]
-    return [forward_variant(m, dtype, forward_form),
-            backward_variant(m, dtype, surrogate_id, form, param_grad_mask != 0)]
+    m = REGISTRY[model]
+    args = dict(zip(ops.input_names(ops.neuron_forward._opoverload._schema), _forward_args(model, dtype, T=1, N=(1,))))
+    return [forward_variant(m, dtype, args["form"]),
+            backward_variant(m, dtype, args["surrogate_id"], args["backward_form"], args["param_grad_mask"] != 0)]
 
 
 @pytest.mark.parametrize("model", list(REGISTRY))
