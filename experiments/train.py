@@ -274,11 +274,31 @@ def _repeat(net, config, seed, loaders, samplers, encoder, runtime, log, progres
             "neuron_backends": dict(models.neuron_backends(net)), "epochs": epochs}
 
 
-def _batches(loader, config, runtime, desc, progress):
+def _timed_epoch(loader, config, runtime, desc, progress, step) -> tuple[int, float, float, float]:
+    """Runs ``step(index, x, y)`` (one batch's compute, on the device) over the epoch's batches
+    behind a progress bar (``step`` returns its postfix, or None). Returns (batches, compute
+    seconds, data seconds, wall seconds), each time the slowest process's."""
     count = len(loader) if config["max_batches"] is None else min(len(loader), config["max_batches"])
     bar = tqdm(total=count, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=not (progress and runtime.main), file=sys.stderr)
-    return count, bar
+    data_s = compute_s = 0.0
+    start = runtime.clock()
+    batches = iter(loader)
+    for index in range(count):
+        t0 = runtime.clock()
+        x, y = next(batches)
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        t1 = runtime.clock()
+        postfix = step(index, x, y)
+        t2 = runtime.clock()
+        data_s, compute_s = data_s + t1 - t0, compute_s + t2 - t1
+        if postfix:
+            bar.set_postfix(postfix, refresh=False)
+        bar.update()
+    wall = runtime.clock() - start
+    bar.close()
+    compute_s, data_s, wall = runtime.reduce([compute_s, data_s, wall], "max")
+    return count, compute_s, data_s, wall
 
 
 def _autocast(config, runtime):
@@ -289,16 +309,9 @@ def _autocast(config, runtime):
 def _train_epoch(model, optimizer, scaler, loader, sampler, encoder, config, runtime, progress,
                  epoch) -> dict:
     model.train()
-    count, bar = _batches(loader, config, runtime, f"epoch {epoch} train", progress)
-    data_s = compute_s = loss_sum = 0.0
-    samples = 0
-    start = runtime.clock()
-    batches = iter(loader)
-    for index in range(count):
-        t0 = runtime.clock()
-        x, y = next(batches)
-        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        t1 = runtime.clock()
+    sums = {"loss": 0.0, "samples": 0}
+
+    def step(index, x, y):
         with _autocast(config, runtime):
             out = model(encoder(x, sampler.global_batch_size(index)))
             loss = F.cross_entropy(out.mean(0), y)
@@ -307,16 +320,12 @@ def _train_epoch(model, optimizer, scaler, loader, sampler, encoder, config, run
         scaler.step(optimizer)
         scaler.update()
         functional.reset_net(model)
-        t2 = runtime.clock()
-        data_s, compute_s = data_s + t1 - t0, compute_s + t2 - t1
-        loss_sum += loss.item() * len(y)
-        samples += len(y)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        bar.update()
-    wall = runtime.clock() - start
-    bar.close()
-    compute_s, data_s, wall = runtime.reduce([compute_s, data_s, wall], "max")
-    loss_sum, samples = runtime.reduce([loss_sum, samples])
+        sums["loss"] += loss.item() * len(y)
+        sums["samples"] += len(y)
+        return {"loss": f"{loss.item():.4f}"}
+
+    count, compute_s, data_s, wall = _timed_epoch(loader, config, runtime, f"epoch {epoch} train", progress, step)
+    loss_sum, samples = runtime.reduce([sums["loss"], sums["samples"]])
     return {"train_seconds": compute_s, "train_data_seconds": data_s, "train_wall_seconds": wall,
             "train_batches": count, "train_samples": int(samples),
             "train_loss": loss_sum / max(samples, 1),
@@ -328,28 +337,17 @@ def _test_epoch(net, loader, sampler, encoder, config, runtime, progress, epoch)
     # The bare network, not the DDP wrapper: testing needs no collectives, and the processes may
     # hold one test batch more or less.
     _test_mode(net, config)
-    count, bar = _batches(loader, config, runtime, f"epoch {epoch} test", progress)
-    data_s = compute_s = 0.0
-    correct = samples = 0
-    start = runtime.clock()
-    batches = iter(loader)
-    for index in range(count):
-        t0 = runtime.clock()
-        x, y = next(batches)
-        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        t1 = runtime.clock()
+    sums = {"correct": 0, "samples": 0}
+
+    def step(index, x, y):
         with _autocast(config, runtime):
             out = net(encoder(x, sampler.global_batch_size(index)))
-        correct += int((out.mean(0).argmax(1) == y).sum())
+        sums["correct"] += int((out.mean(0).argmax(1) == y).sum())
+        sums["samples"] += len(y)
         functional.reset_net(net)
-        t2 = runtime.clock()
-        data_s, compute_s = data_s + t1 - t0, compute_s + t2 - t1
-        samples += len(y)
-        bar.update()
-    wall = runtime.clock() - start
-    bar.close()
-    compute_s, data_s, wall = runtime.reduce([compute_s, data_s, wall], "max")
-    correct, samples = runtime.reduce([correct, samples])
+
+    count, compute_s, data_s, wall = _timed_epoch(loader, config, runtime, f"epoch {epoch} test", progress, step)
+    correct, samples = runtime.reduce([sums["correct"], sums["samples"]])
     return {"test_seconds": compute_s, "test_data_seconds": data_s, "test_wall_seconds": wall,
             "test_batches": count, "test_samples": int(samples),
             "test_accuracy": 100.0 * correct / max(samples, 1),

@@ -165,3 +165,14 @@ def mismatch_worker(rank, k):
         except (TimeShardingError, ValueError) as exc:
             out[what] = (type(exc).__name__, str(exc))
     return out
+
+
+def assert_mismatches_named(results: dict) -> None:
+    """Every rank of a ``mismatch_worker`` group named every mismatch, with its layer, from the
+    swapped headers and not from a timeout."""
+    for rank, out in results.items():
+        for what, needle in MISMATCHES.items():
+            kind, message = out[what]
+            assert kind in ("TimeShardingError", "ValueError"), f"rank {rank}, {what}: {kind} {message}"
+            assert needle in message and f"mismatch.{what}" in message, (rank, what, message)
+            assert "failed after" not in message, f"rank {rank}, {what}: a timeout, not the mismatch: {message}"

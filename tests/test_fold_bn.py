@@ -203,13 +203,15 @@ TOL = {torch.float64: dict(out=1e-12, grad=1e-9, floor=1e-2, stats=1e-12),
        torch.float32: dict(out=1e-5, grad=1e-3, floor=1.0, stats=1e-5)}
 
 
-def _run(net, x, label, train):
-    functional.reset_net(net)
+def _run(net, x, label, train, reset_net=functional.reset_net, time_first=True):
+    """(output, loss, gradients, state dict) of one step; ``time_first``: the output is [T, B, classes]
+    (averaged over time for the loss), else already [B, classes]."""
+    reset_net(net)
     net.zero_grad(set_to_none=True)
     net.train(train)
     with torch.set_grad_enabled(train):
         out = net(x)
-        loss = torch.nn.functional.cross_entropy(out.mean(0), label)
+        loss = torch.nn.functional.cross_entropy(out.mean(0) if time_first else out, label)
     if train:
         loss.backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -363,17 +365,9 @@ def _spikformer(dtype):
 
 
 def _cd_run(net, x, label, train):
+    """One step of a clock_driven network (its reset_net; the Spikformer averages over time itself)."""
     from spikingjelly.clock_driven import functional as cd_functional
-    cd_functional.reset_net(net)
-    net.zero_grad(set_to_none=True)
-    net.train(train)
-    with torch.set_grad_enabled(train):
-        out = net(x)
-        loss = torch.nn.functional.cross_entropy(out, label)
-    if train:
-        loss.backward()
-    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    return out.detach(), loss.detach(), grads, {k: v.clone() for k, v in net.state_dict().items()}
+    return _run(net, x, label, train, reset_net=cd_functional.reset_net, time_first=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

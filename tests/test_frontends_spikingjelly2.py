@@ -28,8 +28,9 @@ import sj_temporal_fusion  # noqa: E402
 from sj_temporal_fusion.frontends import spikingjelly2  # noqa: E402
 from sj_temporal_fusion.neurons import REGISTRY  # noqa: E402
 
-from _grid import DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed  # noqa: E402
+from _grid import DTYPES, SURROGATES, assert_grad_close, case_id, covering  # noqa: E402
 from _models import MODELS  # noqa: E402
+from _side_by_side import compare_calls, detach_net_gradients  # noqa: E402
 from conftest import STATE_DTYPE  # noqa: E402
 
 # Its derivative differs from 0.0.0.0.14's (the kernel's): refused, tested below.
@@ -68,12 +69,6 @@ def _states(node):
     return [getattr(node, name) for name in REGISTRY[spikingjelly2.node_options(node)["model"]].states]
 
 
-def _run(node, x):
-    if node.step_mode == "m":
-        return node(x)
-    return torch.stack([node(x_t) for x_t in x])
-
-
 def _state_tolerance(acc, node):
     """The two round the same formulas in different orders (module docstring): a few ulps per
     step. PLIF's w and KLIF's k are fp32 parameters, and SpikingJelly 2 rounds terms made from
@@ -95,37 +90,17 @@ def _assert_v_seq_close(ours, theirs):
 
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_matches_spikingjelly2(case):
-    g = torch.Generator().manual_seed(stable_seed(case))
-    mc = MODELS[case["model"]]
     dtype, acc = case["dtype"], STATE_DTYPE[case["dtype"]]
     ours, theirs = _make(case, True), _make(case, False)
-    grads_on = case["training"]
-    inputs, loss, loss_ref = [], 0.0, 0.0
-    with torch.set_grad_enabled(grads_on):
-        for call in range(case["calls"]):
-            x = (torch.randn(9, 2, 13, generator=g) * mc.x_scale + mc.x_shift).to(dtype).requires_grad_(grads_on)
-            x_ref = x.detach().to(acc).requires_grad_(grads_on)
-            inputs.append((x, x_ref))
-            y, y_ref = _run(ours, x), _run(theirs, x_ref)
-            assert y.dtype == dtype
-            assert torch.equal(y.to(acc), y_ref), f"spikes differ in call {call}"
-            for name, a, b in zip(REGISTRY[case["model"]].states, _states(ours), _states(theirs)):
-                assert a.dtype == acc, f"{name} is not kept in the state dtype"
-                torch.testing.assert_close(a, b.to(acc), **_state_tolerance(acc, ours),
-                                           msg=lambda m: f"{name}: {m}")
-            if case["store_v_seq"]:
-                _assert_v_seq_close(ours.v_seq, theirs.v_seq)
-            gy = torch.randn(y.shape, generator=g).to(dtype).to(acc)
-            loss = loss + (y.to(acc) * gy).sum()
-            loss_ref = loss_ref + (y_ref * gy).sum()
-        if not grads_on:
-            return
-        loss = loss + sum(s.to(acc).square().sum() for s in _states(ours))
-        loss_ref = loss_ref + sum(s.to(acc).square().sum() for s in _states(theirs))
-    params = [p[0] for p in inputs] + list(ours.parameters())
-    params_ref = [p[1] for p in inputs] + list(theirs.parameters())
-    names = [f"x{i}" for i in range(len(inputs))] + [n for n, _ in ours.named_parameters()]
-    for a, b, name in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params_ref), names):
+
+    def compare_state(name, a, b, call):
+        torch.testing.assert_close(a, b.to(acc), **_state_tolerance(acc, ours),
+                                   msg=lambda m: f"{name} after call {call}: {m}")
+
+    def compare_v_seq(a, b):
+        _assert_v_seq_close(a.v_seq, b.v_seq)
+
+    for name, a, b in compare_calls(case, ours, theirs, _states, compare_state, compare_v_seq) or ():
         # Learnable parameters are fp32: their gradients are accumulated in fp32 whatever the input
         # dtype, and the factors made from them are rounded in fp32 differently (_state_tolerance).
         fp32 = dtype == torch.float64 and (not name.startswith("x") or any(True for _ in ours.parameters()))
@@ -210,21 +185,14 @@ def test_a_state_of_another_shape_restarts_as_in_spikingjelly2():
 
 @pytest.mark.parametrize("model", list(REGISTRY))
 def test_truncated_bptt_with_detach_net(model):
-    mc = MODELS[model]
-    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
-    g = torch.Generator().manual_seed(4)
-    chunks = [(torch.randn(6, 3, 10, generator=g) * mc.x_scale + mc.x_shift) for _ in range(3)]
-    grads = []
-    for switched in (False, True):
-        node = mc.make_node(options, step_mode="m")
-        if switched:
-            sj_temporal_fusion.set_backend(node, "temporal_fusion")
-        xs = [c.clone().requires_grad_() for c in chunks]
-        for x in xs:
-            (node(x).sum() + node.v.sum()).backward()
-            functional.detach_net(node)
-        grads.append([x.grad for x in xs] + [p.grad for p in node.parameters()])
-    for a, b in zip(*grads):
+    def switched(node):
+        sj_temporal_fusion.set_backend(node, "temporal_fusion")
+        return node
+
+    theirs = detach_net_gradients(model, lambda options: MODELS[model].make_node(options, step_mode="m"))
+    ours = detach_net_gradients(model, lambda options: switched(MODELS[model].make_node(options, step_mode="m")))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
         assert_grad_close(a, b, torch.float32, "grad")
 
 

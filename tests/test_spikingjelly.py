@@ -19,11 +19,11 @@ from sj_temporal_fusion.neurons import REGISTRY
 from sj_temporal_fusion.reference import lif_reference
 from sj_temporal_fusion.frontends.common import node_options
 
-from _grid import (spiking_resnet18, DTYPES, SURROGATES, assert_grad_close, case_id, covering, stable_seed,
+from _grid import (spiking_resnet18, DTYPES, SURROGATES, assert_grad_close, case_id, covering,
                    near_threshold_mismatches)
 from _models import MODELS
 from _prebuild import call_variants
-from conftest import STATE_DTYPE
+from _side_by_side import compare_calls, detach_net_gradients
 
 # SpikingJelly 0.0.0.0.14's torch backward for NonzeroSignLogAbs raises a TypeError (it passes a
 # tuple to its own backward); that surrogate is checked against the reference in test_functional.
@@ -67,50 +67,27 @@ def _states(node):
     return [getattr(node, name) for name in REGISTRY[node_options(node)["model"]].states]
 
 
-def _run(node, x):
-    if node.step_mode == "m":
-        return node(x)
-    return torch.stack([node(x_t) for x_t in x])
-
-
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_matches_torch_backend(case):
-    g = torch.Generator().manual_seed(stable_seed(case))
     mc = MODELS[case["model"]]
-    dtype, acc = case["dtype"], STATE_DTYPE[case["dtype"]]
+    dtype = case["dtype"]
     ours, theirs = _make(case, "temporal_fusion"), _make(case, "torch")
-    grads_on = case["training"]
-    inputs, loss, loss_ref = [], 0.0, 0.0
-    with torch.set_grad_enabled(grads_on):
-        for call in range(case["calls"]):
-            x = (torch.randn(9, 2, 13, generator=g) * mc.x_scale + mc.x_shift).to(dtype).requires_grad_(grads_on)
-            x_ref = x.detach().to(acc).requires_grad_(grads_on)
-            inputs.append((x, x_ref))
-            y, y_ref = _run(ours, x), _run(theirs, x_ref)
-            assert y.dtype == dtype
-            assert torch.equal(y.to(acc), y_ref), f"spikes differ in call {call}"
-            for name, a, b in zip(REGISTRY[case["model"]].states, _states(ours), _states(theirs)):
-                assert a.dtype == acc, f"{name} is not kept in the state dtype"
-                if mc.exact:
-                    assert torch.equal(a, b), f"{name} differs after call {call}"
-                else:
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-            if case["store_v_seq"] and case["step_mode"] == "m":
-                torch.testing.assert_close(ours.v_seq, theirs.v_seq.to(dtype), rtol=0 if mc.exact else 1e-2,
-                                           atol=0 if mc.exact else 1e-5)
-            gy = torch.randn(y.shape, generator=g).to(dtype).to(acc)
-            loss = loss + (y.to(acc) * gy).sum()
-            loss_ref = loss_ref + (y_ref * gy).sum()
-        if not grads_on:
-            return
-        loss = loss + sum(s.to(acc).square().sum() for s in _states(ours))
-        loss_ref = loss_ref + sum(s.square().sum() for s in _states(theirs))
-    params = [p[0] for p in inputs] + list(ours.parameters())
-    params_ref = [p[1] for p in inputs] + list(theirs.parameters())
-    names = [f"x{i}" for i in range(len(inputs))] + [n for n, _ in ours.named_parameters()]
+
+    def compare_state(name, a, b, call):
+        if mc.exact:
+            assert torch.equal(a, b), f"{name} differs after call {call}"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def compare_v_seq(a, b):
+        if case["step_mode"] == "m":
+            torch.testing.assert_close(a.v_seq, b.v_seq.to(dtype), rtol=0 if mc.exact else 1e-2,
+                                       atol=0 if mc.exact else 1e-5)
+
+    grads = compare_calls(case, ours, theirs, _states, compare_state, compare_v_seq)
     # SpikingJelly's LogTailedReLU rounds alpha through fp32 even for fp64 tensors (test_reference)
     sj_fp32 = case["surrogate"] == "LogTailedReLU"
-    for a, b, name in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params_ref), names):
+    for name, a, b in grads or ():
         # learnable parameters are fp32: their gradients are accumulated in fp32 whatever the input dtype
         fp32 = dtype == torch.float64 and (sj_fp32 or not name.startswith("x"))
         assert_grad_close(a, b, torch.float32 if fp32 else dtype, f"grad {name}")
@@ -120,19 +97,10 @@ def test_matches_torch_backend(case):
 def test_truncated_bptt_with_detach_net(model):
     """functional.detach_net between chunks (truncated BPTT, online training): the node's state is
     a fresh tensor, not a view, so it detaches in place, and gradients equal the torch backend's."""
-    mc = MODELS[model]
-    options = dict(mc.fixed, **{k: v[0] for k, v in mc.grid.items()})
-    g = torch.Generator().manual_seed(4)
-    chunks = [(torch.randn(6, 3, 10, generator=g) * mc.x_scale + mc.x_shift).requires_grad_() for _ in range(3)]
-    grads = []
-    for backend in ("torch", "temporal_fusion"):
-        node = mc.make_node(options, step_mode="m", backend=backend)
-        xs = [c.detach().clone().requires_grad_() for c in chunks]
-        for x in xs:
-            (node(x).sum() + node.v.sum()).backward()
-            functional.detach_net(node)
-        grads.append([x.grad for x in xs] + [p.grad for p in node.parameters()])
-    for a, b in zip(*grads):
+    theirs, ours = (detach_net_gradients(model, lambda options: MODELS[model].make_node(
+        options, step_mode="m", backend=backend)) for backend in ("torch", "temporal_fusion"))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
         assert_grad_close(a, b, torch.float32, "grad")
 
 
