@@ -26,7 +26,7 @@ def run(node, x):
 
 def compare_calls(case: dict, ours, theirs, states: Callable, compare_state: Callable,
                   compare_v_seq: Callable) -> Optional[list[tuple[str, torch.Tensor, torch.Tensor]]]:
-    """Runs the case's calls on both nodes; after each, ``compare_state(name, ours, theirs, call)``
+    """Runs the case's calls on both nodes; after each, ``compare_state(name, our state, their state, call)``
     per state (``states(node)`` lists them in the model's order) and, with store_v_seq,
     ``compare_v_seq(ours, theirs)``. Returns [(name, our gradient, their gradient)] for the inputs
     x0, x1, ... and our learnable parameters in training, None in eval."""
