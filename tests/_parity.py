@@ -118,6 +118,12 @@ def parity_worker(rank, k, cases):
     return problems, fixups
 
 
+def assert_ranks_match(results: dict, k: int) -> None:
+    """No rank of a ``parity_worker`` group (``results``: rank -> its return) found a mismatch."""
+    problems = [p for r in sorted(results) for p in results[r][0]]
+    assert not problems, f"{len(problems)} mismatches on {k} ranks:\n" + "\n".join(problems[:40])
+
+
 def planning_worker(rank, k, cases):
     """The host variants ``parity_worker`` launches on this rank, recorded, not compiled or run
     (the launches' tensors are zeroed instead)."""

@@ -17,7 +17,7 @@ import torch
 
 import _nccl_emulation as emu
 from _group import results_ok, run_group
-from _parity import assert_mismatches_named, mismatch_worker, parity_cases, parity_worker
+from _parity import assert_mismatches_named, assert_ranks_match, mismatch_worker, parity_cases, parity_worker
 
 
 def _install(rank, k, timeout=30.0, device=None, **emulation):
@@ -63,8 +63,7 @@ def test_node_protocol_under_nccl_pairing_rules(k, api, tmp_path, parity_variant
     took a minute)."""
     cases = parity_cases(k)[::3]
     results = results_ok(run_group(k, _nccl_rules_worker, api, cases, tmp_path=tmp_path))
-    problems = [p for r in sorted(results) for p in results[r][0]]
-    assert not problems, f"{len(problems)} mismatches on {k} ranks:\n" + "\n".join(problems[:40])
+    assert_ranks_match(results, k)
     assert all(not results[r][1] for r in results), results
 
 
